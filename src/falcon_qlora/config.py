@@ -1,0 +1,205 @@
+"""The run config: one flat, typed schema whose defaults are the reference recipe.
+
+    from falcon_qlora.config import load_config
+    cfg = load_config("demo", max_steps=20)          # a preset (or a YAML path) plus overrides
+
+On the command line the same schema is parsed by TRL's TrlParser (a HfArgumentParser):
+    falcon-qlora train --config demo --max_steps 20 --lora_r 8
+
+Every field's `help` is its documentation (it feeds `--help`). Types are checked by pydantic, so a wrong type or an
+unknown key is an error that names the key.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, field, fields
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+from .errors import UserError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+FALCON_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem; the message names the key and the fix."""
+
+
+def _f(default, help, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class RunConfig:
+    # --- model -----------------------------------------------------------------------------------------------
+    model_name_or_path: str = _f("tiiuae/falcon-7b", "Hub name, local folder, or built-in alias (smollm2-135m).")
+    trust_remote_code: bool = _f(False, "Run model code shipped with the checkpoint. Off: native transformers only.")
+    allow_pickle: bool = _f(False, "Allow .bin/.pt (pickle) weights. Off: safetensors only.")
+    # --- quantization ----------------------------------------------------------------------------------------
+    load_in_4bit: bool = _f(True, "Load the base in 4-bit through bitsandbytes (QLoRA). False: plain LoRA.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
+    bnb_4bit_use_double_quant: bool = _f(True, "Quantize the quantization constants too (~0.4 bit/param saved).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto: bf16 where the GPU supports it, else fp16 with fp32 layer norms (T4), fp32 on CPU.")
+    # --- LoRA ------------------------------------------------------------------------------------------------
+    lora_r: int = _f(64, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    lora_bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
+    lora_target_modules: list[str] = _f(FALCON_TARGETS, "Module names that get LoRA adapters.")
+    # --- data ------------------------------------------------------------------------------------------------
+    dataset_name: str = _f("timdettmers/openassistant-guanaco",
+                           "Hub dataset, local file/folder (jsonl, json, parquet, csv) or built-in alias.")
+    dataset_text_field: str = _f("text", "Column holding '### Human: ... ### Assistant: ...' text.")
+    train_split: str = _f("train", "Training split.")
+    eval_split: Optional[str] = _f("test", "Held-out split (None: no evaluation).")
+    max_length: int = _f(512, "Tokens per row; longer rows are truncated (and counted in the data summary).")
+    completion_only_loss: bool = _f(False, "Loss on assistant turns only (the reference trains on the whole text).")
+    drop_invalid_rows: bool = _f(False, "Drop rows that fail validation (with a count) instead of stopping.")
+    packing: bool = _f(False, "Pack rows into max_length sequences without attention across rows.")
+    max_train_rows: Optional[int] = _f(None, "Use only the first N training rows.")
+    max_eval_rows: Optional[int] = _f(None, "Use only the first N held-out rows.")
+    # --- training --------------------------------------------------------------------------------------------
+    output_dir: str = _f("./results", "Run directory: checkpoints, final adapter, config, metrics, plot.")
+    per_device_train_batch_size: int = _f(4, "Micro-batch per device.")
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    per_device_eval_batch_size: int = _f(4, "Eval micro-batch (independent of training).")
+    optim: str = _f("paged_adamw_32bit", "Optimizer name as transformers knows it.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm.")
+    max_steps: int = _f(500, "Optimizer steps.")
+    warmup_ratio: float = _f(0.03, "Share of max_steps spent warming up.")
+    lr_scheduler_type: str = _f("constant_with_warmup",
+                                "Schedule. The reference's 'constant' with 3% warmup is constant_with_warmup.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (less memory, ~30% slower).")
+    profile: Literal["auto", "reference", "speed", "memory"] = _f(
+        "auto", "Speed/memory profile; none changes what is learned. auto: speed where memory allows.")
+    save_steps: int = _f(10, "Checkpoint every N steps.")
+    save_total_limit: Optional[int] = _f(3, "Keep at most N checkpoints (None: all; each is ~0.8 GB for Falcon-7B).")
+    logging_steps: int = _f(10, "Log loss every N steps.")
+    eval_steps: Optional[int] = _f(None, "Evaluate every N steps (None: only at the end).")
+    seed: int = _f(42, "Seed for data order, LoRA init and dropout.")
+    report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "Logger; wandb runs offline without credentials.")
+    resume: bool = _f(False, "Continue from the last complete checkpoint in output_dir.")
+    overwrite: bool = _f(False, "Start fresh even if output_dir holds another run's checkpoints.")
+    push_to_hub: Optional[str] = _f(None, "Hub repo id to upload the adapter to at the end.")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+
+    def __post_init__(self):
+        problems = validate(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Value checks that types alone cannot express. Each message names the key and says what to do."""
+    p = []
+    for key in ("max_steps", "lora_r", "lora_alpha", "max_length", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "per_device_eval_batch_size", "save_steps", "logging_steps"):
+        if getattr(cfg, key) <= 0:
+            p.append(f"{key}={getattr(cfg, key)} must be a positive integer")
+    if cfg.learning_rate <= 0:
+        p.append(f"learning_rate={cfg.learning_rate} must be > 0 (the reference uses 2e-4)")
+    if not 0 <= cfg.lora_dropout < 1:
+        p.append(f"lora_dropout={cfg.lora_dropout} must be in [0, 1)")
+    if not 0 <= cfg.warmup_ratio < 1:
+        p.append(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1)")
+    if cfg.max_grad_norm < 0:
+        p.append(f"max_grad_norm={cfg.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if not cfg.lora_target_modules:
+        p.append("lora_target_modules is empty: name at least one module (Falcon: query_key_value, dense, ...)")
+    if cfg.save_total_limit is not None and cfg.save_total_limit <= 0:
+        p.append(f"save_total_limit={cfg.save_total_limit} must be >= 1 or None")
+    if cfg.resume and cfg.overwrite:
+        p.append("resume and overwrite are both set: choose one")
+    return p
+
+
+def _pretty(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "unexpected_keyword_argument":
+            lines.append(f"unknown config key '{key}' (see `falcon-qlora train --help` for the valid keys)")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def make_config(**values) -> RunConfig:
+    """Build a RunConfig, turning pydantic's report into one ConfigError that names each bad key."""
+    try:
+        return RunConfig(**values)
+    except ValidationError as err:
+        raise ConfigError(_pretty(err)) from None
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name ('reference', 'demo') or a YAML path -> the file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    cand = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        names = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"no preset or file named '{name_or_path}' (presets: {names})")
+    return cand
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(data).__name__}")
+    return data
+
+
+def load_config(config: str | Path | None = None, **overrides) -> RunConfig:
+    """Defaults (the reference recipe) <- a preset or YAML file <- keyword overrides."""
+    values = read_yaml(preset_path(str(config))) if config else {}
+    values.update(overrides)
+    return make_config(**values)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return asdict(cfg)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(RunConfig)]
+
+
+def library_versions() -> dict:
+    """Versions of the libraries that decide what a run does, for the run directory and bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for pkg in ("falcon-qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config (reloadable with --config) and the library versions into the run dir."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run_config.yaml"
+    header = "# Resolved falcon-qlora config. Rerun with: falcon-qlora train --config " + str(path) + "\n"
+    path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n", encoding="utf-8")
+    return path
