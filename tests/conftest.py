@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random Falcons (both decoder architectures) and tiny Guanaco-style data, built once per
+test session, offline."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_falcon, guanaco_rows, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["falcon-7b-arch", "falcon-40b-arch"])
+def tiny_falcon(request, tmp_path_factory) -> Path:
+    """Folder of a tiny random Falcon; parametrised over new_decoder_architecture."""
+    return build_falcon(tmp_path_factory.mktemp("falcon"), new_decoder_architecture=request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_falcon_7b_arch(tmp_path_factory) -> Path:
+    """The 7B-style (multi-query) tiny Falcon alone, for tests that need one architecture."""
+    return build_falcon(tmp_path_factory.mktemp("falcon7"), new_decoder_architecture=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A folder with train.jsonl (64 rows) and test.jsonl (16 rows)."""
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "train.jsonl", guanaco_rows(64, seed=0))
+    write_jsonl(d / "test.jsonl", guanaco_rows(16, seed=99))
+    return d
+
+
+def tiny_overrides(model: Path, data: Path, out: Path, **kw) -> dict:
+    """Config overrides that make the reference recipe run in seconds on the tiny model (fp32 compute on CPU)."""
+    base = dict(model_name_or_path=str(model), dataset_name=str(data), output_dir=str(out), max_length=64,
+                per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
+                max_steps=6, save_steps=3, logging_steps=1, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                learning_rate=3e-3, warmup_ratio=0.0, gradient_checkpointing=False, optim="adamw_torch",
+                compute_dtype="fp32", disable_tqdm=True, seed=0)
+    base.update(kw)
+    return base
