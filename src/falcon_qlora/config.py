@@ -128,7 +128,9 @@ def _pretty(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "config"
-        if e["type"] == "unexpected_keyword_argument":
+        if e["type"] == "value_error":  # raised by validate() in __post_init__: already names the key
+            lines.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "unexpected_keyword_argument":
             lines.append(f"unknown config key '{key}' (see `falcon-qlora train --help` for the valid keys)")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")

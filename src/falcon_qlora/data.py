@@ -170,7 +170,7 @@ def validate_rows(ds, cfg: RunConfig, source: str):
 def summarize(ds, tokenizer, cfg: RunConfig, name: str = "train") -> dict:
     """Rows, token-length percentiles with the model's tokenizer, share of rows over max_length, duplicates."""
     import numpy as np
-    texts = ds[cfg.dataset_text_field]
+    texts = list(ds[cfg.dataset_text_field])
     lengths = np.array([len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]) + 1  # + EOS
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
     over = int((lengths > cfg.max_length).sum())
