@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from . import demo_data
 from .config import RunConfig
 from .errors import UserError
 
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Built-in dataset names -> a function returning a local file or folder (filled in by the modules that own them).
-DATASET_ALIASES: dict[str, Callable[[], str]] = {}
+DATASET_ALIASES: dict[str, Callable[[], str]] = {"demo-guanaco": demo_data.dataset_path}
 
 
 def _read_json_rows(path: Path) -> list[dict]:

@@ -12,11 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from . import embedded
 from .config import RunConfig
 from .errors import UserError
 
 # Built-in model names -> a function returning a local folder (filled in by the modules that own them).
-MODEL_ALIASES: dict[str, Callable[[], str]] = {}
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"smollm2-135m": embedded.smollm2_path}
 
 
 def resolve_model_path(name: str) -> str:

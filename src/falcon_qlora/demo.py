@@ -1,0 +1,152 @@
+"""The offline demo: SmolLM2-135M in 4-bit NF4 + LoRA learns the embedded contact-card task on a CPU in minutes.
+
+    falcon-qlora demo                          # the whole story: loss before/after, generations, plot, adapter
+    falcon-qlora demo --max_steps 20           # any config key can be overridden, as with `train`
+    python -c "from falcon_qlora.demo import run_demo; print(run_demo().summary())"
+
+Nothing here trains differently from `falcon-qlora train --config demo`: the demo only measures the same model
+before and after, on the held-out split, with the same text (+ EOS) the trainer sees.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import ASSISTANT
+
+N_SHOWN = 3            # held-out prompts generated before and after
+MAX_NEW_TOKENS = 64    # an answer card is ~30 tokens; the limit only matters if the model does not stop
+
+
+@dataclass
+class Generation:
+    prompt: str
+    expected: str
+    text: str
+    ended_at_eos: bool
+    correct: bool
+
+
+@dataclass
+class DemoResult:
+    eval_loss_before: float
+    eval_loss_after: float
+    generations_before: list[Generation]
+    generations_after: list[Generation]
+    loss_plot: Path | None
+    adapter_dir: Path
+    seconds: float
+    train_metrics: dict = field(default_factory=dict)
+
+    @property
+    def relative_drop(self) -> float:
+        return 1 - self.eval_loss_after / self.eval_loss_before
+
+    def summary(self) -> dict:
+        return {"eval_loss_before": round(self.eval_loss_before, 4), "eval_loss_after": round(self.eval_loss_after, 4),
+                "relative_drop": round(self.relative_drop, 4),
+                "correct_before": sum(g.correct for g in self.generations_before),
+                "correct_after": sum(g.correct for g in self.generations_after),
+                "ended_at_eos_after": sum(g.ended_at_eos for g in self.generations_after),
+                "shown": len(self.generations_after), "loss_plot": str(self.loss_plot),
+                "adapter_dir": str(self.adapter_dir), "seconds": round(self.seconds, 1)}
+
+
+def split_row(text: str) -> tuple[str, str]:
+    """'### Human: q ### Assistant: a' -> ('### Human: q ### Assistant:', 'a'), the prompt ending where the answer's
+    leading space starts, exactly as the trainer tokenized it."""
+    cut = text.index(ASSISTANT) + len(ASSISTANT)
+    return text[:cut], text[cut:].strip()
+
+
+def heldout_loss(model, tok, texts: list[str], batch_size: int, max_length: int) -> float:
+    """Mean token cross-entropy over text + EOS, the sequence the trainer learns (every token counts, as in the
+    reference recipe which trains on the whole text)."""
+    import torch
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        enc = tok([t + tok.eos_token for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
+                  truncation=True, max_length=max_length, add_special_tokens=False).to(model.device)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        with torch.no_grad():
+            logits = model(**enc).logits[:, :-1].float()
+        tgt = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total, count = total + loss.item(), count + int((tgt != -100).sum())
+    return total / count
+
+
+def generate(model, tok, texts: list[str]) -> list[Generation]:
+    """Greedy answers to held-out prompts, stopping at EOS; each is checked against the expected card."""
+    import torch
+    out = []
+    model.eval()
+    for text in texts:
+        prompt, expected = split_row(text)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:]
+        ended = bool(len(ids) and ids[-1].item() == tok.eos_token_id)
+        answer = tok.decode(ids, skip_special_tokens=True).strip()
+        out.append(Generation(prompt, expected, answer, ended, _same_card(answer, expected)))
+    return out
+
+
+def _same_card(answer: str, expected: str) -> bool:
+    try:
+        return json.loads(answer) == json.loads(expected)
+    except ValueError:
+        return False
+
+
+def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides) -> DemoResult:
+    """Load SmolLM2 (4-bit) + LoRA, measure held-out loss and generations, train with the demo preset, measure
+    again. Returns the numbers; prints them as it goes when verbose."""
+    from .config import load_config
+    from .data import load_dataset_splits
+    from .model import attach_lora, load_base_model, load_tokenizer, count_linear4bit
+    from .train import train
+    say = print if verbose else (lambda *a, **k: None)
+    start = time.time()
+    cfg = cfg or load_config("demo", **overrides)
+    train_ds, eval_ds = load_dataset_splits(cfg)
+    texts = list(eval_ds[cfg.dataset_text_field])
+    shown = texts[:n_shown]
+    tok = load_tokenizer(cfg.model_name_or_path, cfg)
+    model = attach_lora(load_base_model(cfg), cfg)   # LoRA starts as a no-op (B = 0): this is still the base
+    say(f"SmolLM2-135M loaded in 4-bit NF4 ({count_linear4bit(model)} Linear4bit layers), LoRA r={cfg.lora_r}")
+    before = heldout_loss(model, tok, texts, cfg.per_device_eval_batch_size, cfg.max_length)
+    gens_before = generate(model, tok, shown)
+    say(f"held-out loss before training: {before:.3f}")
+    _show("before", gens_before, say)
+    result = train(cfg, model=model, tokenizer=tok, train_dataset=train_ds, eval_dataset=eval_ds)
+    after = heldout_loss(model, tok, texts, cfg.per_device_eval_batch_size, cfg.max_length)
+    gens_after = generate(model, tok, shown)
+    plot = result.output_dir / "loss.png"
+    demo = DemoResult(before, after, gens_before, gens_after, plot if plot.is_file() else None, result.final_dir,
+                      time.time() - start, result.metrics)
+    _show("after", gens_after, say)
+    say(f"held-out loss: {before:.3f} before -> {after:.3f} after ({100 * demo.relative_drop:.0f}% lower)")
+    say(f"loss curve: {demo.loss_plot}\nadapter: {demo.adapter_dir}  "
+        f"(chat with it: falcon-qlora chat {demo.adapter_dir})")
+    return demo
+
+
+def _show(when: str, gens: list[Generation], say) -> None:
+    for g in gens:
+        stop = "stopped at EOS" if g.ended_at_eos else f"hit the {MAX_NEW_TOKENS}-token limit"
+        mark = "correct card" if g.correct else "not the expected card"
+        say(f"[{when}] {g.prompt}\n  -> {g.text!r}\n     ({stop}; {mark})")
+
+
+def cli(argv: list[str]) -> int:
+    from .train import parse_args
+    cfg = parse_args(["--config", "demo", *argv])
+    demo = run_demo(cfg)
+    print(json.dumps(demo.summary()))
+    return 0
