@@ -50,13 +50,18 @@ def _read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _read_file(path: Path):
+def _read_file(path: Path, cfg: RunConfig):
     from datasets import Dataset
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FORMATS)}")
     if kind == "json":
-        return Dataset.from_list(_read_json_rows(path))
+        rows = _read_json_rows(path)
+        field = cfg.dataset_text_field
+        if rows and all(field in r for r in rows):  # check before Arrow sees mixed types
+            keep = check_texts([r[field] for r in rows], cfg, str(path))
+            rows = [{field: rows[i][field]} for i in keep]
+        return Dataset.from_list(rows)
     try:
         if path.stat().st_size == 0:
             raise UserError(f"{path} is empty")
@@ -97,9 +102,9 @@ def load_dataset_splits(cfg: RunConfig, train_dataset=None, eval_dataset=None):
         path = Path(name)
         if path.exists():
             files = _local_splits(path)
-            train_dataset = _read_file(_pick(files, cfg.train_split, name))
+            train_dataset = _read_file(_pick(files, cfg.train_split, name), cfg)
             if cfg.eval_split and cfg.eval_split in files:
-                eval_dataset = _read_file(files[cfg.eval_split])
+                eval_dataset = _read_file(files[cfg.eval_split], cfg)
             elif cfg.eval_split and path.is_dir():
                 _pick(files, cfg.eval_split, name)
         elif name.startswith((".", "/", "~")) or Path(name).suffix in FORMATS:
@@ -134,18 +139,14 @@ def _rows_text(rows: list[int]) -> str:
     return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
-def validate_rows(ds, cfg: RunConfig, source: str):
-    """Every row: a non-empty string with both markers. Row numbers in messages count from 1."""
+def check_texts(texts: list, cfg: RunConfig, source: str) -> list[int]:
+    """Indices of the rows to keep: each a non-empty string with both markers. Bad rows stop the run, named by
+    their numbers counted from 1, unless drop_invalid_rows is set."""
     field = cfg.dataset_text_field
-    if field not in ds.column_names:
-        raise UserError(f"{source}: no '{field}' column (columns: {', '.join(ds.column_names) or 'none'}); "
-                        "set dataset_text_field to the column holding the conversation")
-    if len(ds) == 0:
-        raise UserError(f"{source} has no rows")
     problems = {"is not a string": [], "is empty": [], f"has no '{HUMAN}' marker": [],
                 f"has no '{ASSISTANT}' marker": []}
     keys = list(problems)
-    for i, text in enumerate(ds[field]):
+    for i, text in enumerate(texts):
         if not isinstance(text, str):
             problems[keys[0]].append(i)
         elif not text.strip():
@@ -154,16 +155,28 @@ def validate_rows(ds, cfg: RunConfig, source: str):
             problems[keys[2]].append(i)
         elif ASSISTANT not in text:
             problems[keys[3]].append(i)
-    bad = sorted(i for rows in problems.values() for i in rows)
+    bad = {i for rows in problems.values() for i in rows}
     if bad and not cfg.drop_invalid_rows:
         what = "; ".join(f"rows {_rows_text(rows)}: '{field}' {k}" for k, rows in problems.items() if rows)
         raise UserError(f"{source}: {what}. Fix these rows, or set drop_invalid_rows=true to drop them")
     if bad:
-        drop = set(bad)
-        ds = ds.select([i for i in range(len(ds)) if i not in drop])
-        print(f"{source}: dropped {len(bad)} invalid rows of {len(ds) + len(bad)}")
-        if len(ds) == 0:
+        print(f"{source}: dropped {len(bad)} invalid rows of {len(texts)}")
+        if len(bad) == len(texts):
             raise UserError(f"{source}: no valid rows left after dropping {len(bad)}")
+    return [i for i in range(len(texts)) if i not in bad]
+
+
+def validate_rows(ds, cfg: RunConfig, source: str):
+    """The text column exists and every row passes check_texts; other columns are dropped."""
+    field = cfg.dataset_text_field
+    if field not in ds.column_names:
+        raise UserError(f"{source}: no '{field}' column (columns: {', '.join(ds.column_names) or 'none'}); "
+                        "set dataset_text_field to the column holding the conversation")
+    if len(ds) == 0:
+        raise UserError(f"{source} has no rows")
+    keep = check_texts(list(ds[field]), cfg, source)
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
     extra = [c for c in ds.column_names if c != field]
     return ds.remove_columns(extra) if extra else ds
 

@@ -1,0 +1,77 @@
+"""The run config: reference defaults, presets, YAML round trip, CLI overrides, errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+from falcon_qlora.config import PRESETS_DIR, ConfigError, RunConfig, load_config, save_run_config, to_dict
+from falcon_qlora.train import parse_args
+
+REFERENCE = dict(
+    model_name_or_path="tiiuae/falcon-7b", dataset_name="timdettmers/openassistant-guanaco", dataset_text_field="text",
+    train_split="train", eval_split="test", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, compute_dtype="auto", lora_r=64, lora_alpha=16, lora_dropout=0.1,
+    lora_bias="none", lora_target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    max_length=512, per_device_train_batch_size=4, gradient_accumulation_steps=4, optim="paged_adamw_32bit",
+    learning_rate=2e-4, max_grad_norm=0.3, max_steps=500, warmup_ratio=0.03,
+    lr_scheduler_type="constant_with_warmup", save_steps=10, logging_steps=10, output_dir="./results",
+    completion_only_loss=False, trust_remote_code=False,
+)
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = to_dict(RunConfig())
+    assert {k: cfg[k] for k in REFERENCE} == REFERENCE
+
+
+def test_reference_preset_equals_the_defaults():
+    assert load_config("reference") == RunConfig()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    assert isinstance(load_config(preset), RunConfig)
+
+
+def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
+    cfg = load_config(lora_r=8, lora_target_modules=["dense"], eval_split=None)
+    path = save_run_config(cfg, tmp_path)
+    assert load_config(path) == cfg
+    versions = (tmp_path / "versions.json").read_text()
+    assert '"transformers"' in versions and '"bitsandbytes"' in versions
+
+
+def test_cli_overrides_win_over_the_config_file():
+    cfg = parse_args(["--config", "reference", "--lora_r", "8", "--learning_rate", "1e-4",
+                      "--lora_target_modules", "query_key_value", "dense", "--resume"])
+    assert (cfg.lora_r, cfg.learning_rate, cfg.lora_target_modules, cfg.resume) == (
+        8, 1e-4, ["query_key_value", "dense"], True)
+    assert cfg.max_steps == 500
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'lora_rank'"):
+        load_config(lora_rank=8)
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora_rank: 8\n")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        parse_args(["--config", str(f)])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="lora_r: Input should be a valid integer"):
+        load_config(lora_r=1.5)
+
+
+@pytest.mark.parametrize("key,value", [("max_steps", 0), ("learning_rate", 0.0), ("lora_r", 0),
+                                       ("per_device_train_batch_size", -1), ("lora_dropout", 1.5)])
+def test_bad_values_are_named(key, value):
+    with pytest.raises(ConfigError, match=key):
+        load_config(**{key: value})
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
