@@ -146,6 +146,7 @@ def load_base_model(cfg: RunConfig, path: str | None = None, load_in_4bit: bool 
             raise UserError(f"{path} has no .safetensors weights; pickle files (.bin) are refused because they can "
                             "run code. Convert the weights, or set allow_pickle=true if you trust them") from None
         raise UserError(f"cannot load the model {path}: {msg}") from None
+    check_targets(model, cfg.lora_target_modules)
     if quantize:
         assert_4bit(model, cfg.lora_target_modules)
     if dtype == torch.float16:
