@@ -71,6 +71,9 @@ class RunConfig:
     output_dir: str = _f("./results", "Run directory: checkpoints, final adapter, config, metrics, plot.")
     per_device_train_batch_size: int = _f(4, "Micro-batch per device.")
     gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    batch_policy: Literal["effective", "per_device"] = _f(
+        "effective", "Several processes: 'effective' keeps per-device x accumulation (as written) as the rows per "
+        "step and divides the accumulation among processes; 'per_device' keeps both, so the batch grows with them.")
     per_device_eval_batch_size: int = _f(4, "Eval micro-batch (independent of training).")
     optim: str = _f("paged_adamw_32bit", "Optimizer name as transformers knows it.")
     learning_rate: float = _f(2e-4, "Peak learning rate.")
