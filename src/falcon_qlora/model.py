@@ -20,12 +20,12 @@ from .errors import UserError
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"smollm2-135m": embedded.smollm2_path}
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, need_config: bool = True) -> str:
     """Alias -> local folder; an existing path -> itself; anything else is a hub name, returned unchanged."""
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]()
     if os.path.exists(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
+        if need_config and not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"model folder {name} has no config.json: point model_name_or_path at a folder saved "
                             "with save_pretrained, or at a hub name")
         return name
@@ -61,7 +61,7 @@ def resolve_compute_dtype(cfg: RunConfig):
 def load_tokenizer(path_or_name: str, cfg: RunConfig):
     """Tokenizer with a pad token distinct from EOS (so EOS keeps its label and the model learns to stop)."""
     from transformers import AutoTokenizer
-    path = resolve_model_path(path_or_name)
+    path = resolve_model_path(path_or_name, need_config=False)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import distributed as dist
 from .config import ConfigError, RunConfig, make_config, preset_path, save_run_config
 from .errors import UserError
 
@@ -27,6 +28,8 @@ class TrainResult:
     final_dir: Path
     metrics: dict = field(default_factory=dict)
     log_history: list = field(default_factory=list)
+    model: object = field(default=None, repr=False)  # the trained PeftModel, for generating right away
+    tokenizer: object = field(default=None, repr=False)
 
 
 def check_device(cfg: RunConfig) -> None:
@@ -56,12 +59,12 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
     if existing and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume to continue that run, "
                         "--overwrite to start over, or choose another --output_dir")
-    if existing and cfg.overwrite:
+    if existing and cfg.overwrite and dist.is_main():
         for p in out.glob("checkpoint-*"):
             shutil.rmtree(p)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{dist.rank()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -77,8 +80,7 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
         os.environ.setdefault("WANDB_MODE", "offline")  # never prompt for a login
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
     return SFTConfig(
-        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        output_dir=cfg.output_dir, **dist.trainer_kwargs(dist.batch_plan(cfg)),
         per_device_eval_batch_size=cfg.per_device_eval_batch_size, optim=cfg.optim,
         learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a share of max_steps
@@ -100,6 +102,8 @@ def _run_config_callback(run_config: Path):
         """Every checkpoint is self-describing: it carries the run config that produced it."""
 
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 shutil.copy2(run_config, ckpt / run_config.name)
@@ -156,12 +160,16 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     loaded from the config. Returns where things were written and the final metrics."""
     from transformers.trainer_utils import set_seed
     from . import data as D
-    from .model import attach_lora, load_base_model, load_tokenizer, trainable_summary
+    from .model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype, trainable_summary
     check_device(cfg)
+    dist.init()  # several processes: join the group now, so that only the main one writes
+    dist.check_fsdp(resolve_compute_dtype(cfg))
     out = prepare_output_dir(cfg)
+    dist.barrier()
     train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset)  # before any model is loaded
     tok = tokenizer or load_tokenizer(cfg.model_name_or_path, cfg)
-    D.summarize(train_ds, tok, cfg, "train")
+    if dist.is_main():
+        D.summarize(train_ds, tok, cfg, "train")
     if cfg.completion_only_loss:
         train_ds = D.tokenize_completion_only(train_ds, tok, cfg)
         eval_ds = D.tokenize_completion_only(eval_ds, tok, cfg) if eval_ds is not None else None
@@ -170,34 +178,36 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         model = load_base_model(cfg)
     if not hasattr(model, "peft_config"):
         model = attach_lora(model, cfg)
-    run_config = save_run_config(cfg, out)
-    eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * _world_size()
-    print(f"{trainable_summary(model)}; effective batch {eff} rows "
-          f"({cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x {_world_size()} processes), "
-          f"up to {eff * cfg.max_length:,} tokens per step")
+    plan = dist.batch_plan(cfg)
+    run_config = out / "run_config.yaml"
+    if dist.is_main():
+        save_run_config(cfg, out)
+        print(f"{trainable_summary(model)}; {plan.describe()}; up to {plan.effective * cfg.max_length:,} tokens "
+              "per step")
     trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[_run_config_callback(run_config)])
+    dist.record_rows(trainer)
     resume = None
     if cfg.resume:
         found = checkpoints(out)
         resume = str(found[-1]) if found else None
         print(f"resuming from {resume}" if resume else f"no checkpoint in {out}: starting from step 0")
     trainer.train(resume_from_checkpoint=resume)
-    metrics = {"train_steps": trainer.state.global_step}
+    metrics = {"train_steps": trainer.state.global_step, **plan.as_metrics()}
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     final = out / "final"
-    trainer.save_model(str(final))
-    tok.save_pretrained(final)
-    shutil.copy2(run_config, final / run_config.name)
+    dist.prepare_final_save(trainer)
+    trainer.save_model(str(final))  # every process calls it (FSDP gathers); only the main one writes
     history = trainer.state.log_history
-    write_metrics(out, history)
-    plot = plot_losses(out, history)
-    print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
-    return TrainResult(output_dir=out, final_dir=final, metrics=metrics, log_history=history)
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
+    if dist.is_main():
+        tok.save_pretrained(final)
+        shutil.copy2(run_config, final / run_config.name)
+        write_metrics(out, history)
+        plot = plot_losses(out, history)
+        print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
+    dist.barrier()  # no process returns before the final folder is complete
+    return TrainResult(output_dir=out, final_dir=final, metrics=metrics, log_history=history, model=trainer.model,
+                       tokenizer=tok)
 
 
 def parse_args(argv: list[str]) -> RunConfig:
@@ -223,5 +233,6 @@ def parse_args(argv: list[str]) -> RunConfig:
 def cli(argv: list[str]) -> int:
     cfg = parse_args(argv)
     result = train(cfg)
-    print(json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}), file=sys.stdout)
+    if dist.is_main():
+        print(json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}), file=sys.stdout)
     return 0

@@ -1,0 +1,100 @@
+"""Training on the tiny Falcon: loss goes down, checkpoints hold only the adapter, the adapter reloads exactly,
+resume continues where it stopped, each row ends with EOS."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from falcon_qlora.cli import main
+from falcon_qlora.config import load_config
+from falcon_qlora.model import load_adapter_model
+from falcon_qlora.train import build_trainer, train
+
+
+@pytest.fixture(scope="module")
+def run(tiny_falcon_7b_arch, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out)))
+
+
+def losses(history):
+    return [x["loss"] for x in history if "loss" in x]
+
+
+def test_loss_goes_down(run):
+    ls = losses(run.log_history)
+    assert len(ls) == 6 and ls[-1] < ls[0] - 0.2
+    assert run.metrics["eval_loss"] < ls[0]
+
+
+def test_checkpoints_hold_only_the_adapter_tokenizer_and_config(run):
+    ckpts = sorted(p.name for p in run.output_dir.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-3", "checkpoint-6"]
+    for d in [run.output_dir / c for c in ckpts] + [run.final_dir]:
+        names = {p.name for p in d.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "run_config.yaml", "tokenizer.json"} <= names
+        assert not any(n.startswith(("model", "pytorch_model")) for n in names)
+        tensors = load_file(d / "adapter_model.safetensors")
+        assert tensors and all("lora_A" in k or "lora_B" in k for k in tensors)
+
+
+def test_lora_b_matrices_are_trained(run):
+    tensors = load_file(run.final_dir / "adapter_model.safetensors")
+    b = [v for k, v in tensors.items() if "lora_B" in k]
+    assert len(b) == 8 and all(v.abs().max() > 0 for v in b)
+
+
+def test_run_dir_has_config_metrics_and_plot(run):
+    assert load_config(run.output_dir / "run_config.yaml").max_steps == 6
+    lines = [json.loads(x) for x in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert (run.output_dir / "loss.png").stat().st_size > 1000
+
+
+def test_adapter_reloads_onto_a_fresh_4bit_base_with_equal_logits(run):
+    ids = run.tokenizer(["### Human: what is two plus two? ### Assistant:"], return_tensors="pt").input_ids
+    run.model.eval()
+    with torch.no_grad():
+        want = run.model(input_ids=ids).logits
+        model, _, _ = load_adapter_model(run.final_dir)
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_resume_continues_from_the_step_it_stopped_at(tiny_falcon_7b_arch, tiny_data, tmp_path):
+    first = train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, max_steps=3,
+                                               eval_split=None)))
+    assert first.metrics["train_steps"] == 3
+    second = train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, max_steps=6,
+                                                eval_split=None, resume=True)))
+    assert second.metrics["train_steps"] == 6
+    new_steps = [x["step"] for x in second.log_history if "loss" in x]
+    assert new_steps[-3:] == [4, 5, 6] and new_steps.count(3) <= 1
+
+
+def test_every_training_row_ends_with_eos(tiny_falcon_7b_arch, tiny_data, tmp_path):
+    from falcon_qlora.data import load_dataset_splits
+    from falcon_qlora.model import attach_lora, load_base_model, load_tokenizer
+    cfg = load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path))
+    tok = load_tokenizer(cfg.model_name_or_path, cfg)
+    train_ds, _ = load_dataset_splits(cfg)
+    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, train_ds, None)
+    rows = trainer.train_dataset["input_ids"]
+    assert all(r[-1] == tok.eos_token_id for r in rows)
+    assert all(tok.pad_token_id not in r for r in rows)
+
+
+def test_both_decoder_architectures_train(tiny_falcon, tiny_data, tmp_path):
+    result = train(load_config(**tiny_overrides(tiny_falcon, tiny_data, tmp_path, max_steps=4, eval_split=None)))
+    ls = losses(result.log_history)
+    assert ls[-1] < ls[0]
+
+
+def test_train_without_a_gpu_names_the_demo(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err and "falcon-qlora demo" in err
