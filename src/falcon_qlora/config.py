@@ -208,3 +208,8 @@ def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
     path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def from_namespace(namespace: dict) -> RunConfig:
+    """The notebook's parameters cell -> a RunConfig: every variable named like a config key is used."""
+    return make_config(**{k: v for k, v in namespace.items() if k in field_names()})
