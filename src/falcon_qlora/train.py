@@ -46,15 +46,20 @@ def check_device(cfg: RunConfig) -> None:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once its trainer_state.json is written)."""
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    """Complete checkpoints, oldest first (see checkpoints.is_complete)."""
+    from .checkpoints import complete_checkpoints
+    return complete_checkpoints(out)
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
     """Refuse to mix runs: an output dir with checkpoints needs --resume (continue) or --overwrite (start over)."""
+    from .checkpoints import clean_leftovers
+    from .guards import check_output_paths
     out = Path(cfg.output_dir)
+    if out.is_dir():
+        check_output_paths(out)  # e.g. a `final` symlink that points elsewhere
+        if dist.is_main():
+            clean_leftovers(out)  # staging folders of a killed run
     existing = checkpoints(out) if out.is_dir() else []
     if existing and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume to continue that run, "
@@ -95,34 +100,21 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     )
 
 
-def _run_config_callback(run_config: Path):
-    from transformers import TrainerCallback
-
-    class CopyRunConfig(TrainerCallback):
-        """Every checkpoint is self-describing: it carries the run config that produced it."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                shutil.copy2(run_config, ckpt / run_config.name)
-
-    return CopyRunConfig()
-
-
 def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks=()):
     import torch
     from trl import SFTTrainer
     from .model import resolve_compute_dtype
+    from .safety import safe_trainer_class
     args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=list(callbacks))
+    # SFTTrainer + atomic checkpoints, a stop on NaN/inf, no tokens in training_args.bin (safety.py)
+    trainer = safe_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                             processing_class=tokenizer, callbacks=list(callbacks))
     # TRL casts the LoRA weights of a quantized model to bf16. Keep them in fp32 instead: they are the master
     # weights (an lr of 2e-4 update is below bf16's resolution for most entries), and on a CPU fp32 is ~9x faster.
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    trainer.run_config = cfg
     return trainer
 
 
@@ -161,7 +153,11 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     from transformers.trainer_utils import set_seed
     from . import data as D
     from .model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype, trainable_summary
+    from .checkpoints import StopOnSignal, publish, staging_for
+    from .guards import check_bitsandbytes, check_disk, inside
     check_device(cfg)
+    if cfg.load_in_4bit and model is None:
+        check_bitsandbytes()
     dist.init()  # several processes: join the group now, so that only the main one writes
     dist.check_fsdp(resolve_compute_dtype(cfg))
     out = prepare_output_dir(cfg)
@@ -184,24 +180,32 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         save_run_config(cfg, out)
         print(f"{trainable_summary(model)}; {plan.describe()}; up to {plan.effective * cfg.max_length:,} tokens "
               "per step")
-    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[_run_config_callback(run_config)])
+    check_disk(cfg, model, cfg.model_name_or_path)
+    stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, print how to resume
+    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[stop.callback])
     dist.record_rows(trainer)
     resume = None
     if cfg.resume:
         found = checkpoints(out)
         resume = str(found[-1]) if found else None
         print(f"resuming from {resume}" if resume else f"no checkpoint in {out}: starting from step 0")
-    trainer.train(resume_from_checkpoint=resume)
+    with stop:
+        trainer.train(resume_from_checkpoint=resume)
+    stop.report(trainer, cfg)
     metrics = {"train_steps": trainer.state.global_step, **plan.as_metrics()}
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    final = out / "final"
+    final, staging = inside(out, "final"), staging_for(out / "final")
+    if dist.is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
     dist.prepare_final_save(trainer)
-    trainer.save_model(str(final))  # every process calls it (FSDP gathers); only the main one writes
+    trainer.save_model(str(staging))  # every process calls it (FSDP gathers); only the main one writes
     history = trainer.state.log_history
     if dist.is_main():
-        tok.save_pretrained(final)
-        shutil.copy2(run_config, final / run_config.name)
+        tok.save_pretrained(staging)
+        shutil.copy2(run_config, staging / run_config.name)
+        publish(staging, final)  # final/ appears complete or not at all
         write_metrics(out, history)
         plot = plot_losses(out, history)
         print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
@@ -221,6 +225,7 @@ def parse_args(argv: list[str]) -> RunConfig:
         if i < len(argv):
             argv[i] = str(preset_path(argv[i]))
     parser = TrlParser([Schema], prog="falcon-qlora train")
+    parser.error = _parser_error  # argparse would print the usage and exit; we want one line
     try:
         (cfg,) = parser.parse_args_and_config(argv)
     except ValidationError as err:
@@ -228,6 +233,10 @@ def parse_args(argv: list[str]) -> RunConfig:
     except ValueError as err:  # e.g. TRL's "Unknown arguments from config file"
         raise ConfigError(str(err).splitlines()[0]) from None
     return make_config(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+
+
+def _parser_error(message: str):
+    raise ConfigError(f"{message} (see falcon-qlora train --help)")
 
 
 def cli(argv: list[str]) -> int:

@@ -1,0 +1,120 @@
+"""Checks that stop a run early and say why: non-finite numbers, too little disk, a broken bitsandbytes, and output
+paths that would land outside the output directory."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+# Files falcon-qlora writes directly in output_dir (checkpoint-N folders are checked by prefix).
+OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "loss.png", "README.md")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+DEFAULT_TOKENIZER_BYTES = 5_000_000  # a hub tokenizer we cannot measure before download (Falcon's is 2.7 MB)
+
+
+class NonFiniteError(UserError):
+    """A NaN or inf loss or gradient norm: training stops at that step, before the bad update is applied."""
+
+
+def _value(x) -> float:
+    return float(x.detach().float().item() if hasattr(x, "detach") else x)
+
+
+def check_finite(what: str, value, trainer, cfg=None) -> None:
+    """Raise NonFiniteError naming the step, the last good checkpoint and the likely fix if `value` is NaN/inf.
+
+    Under fp16 the grad scaler produces inf gradient norms on purpose while it searches for a scale, and skips
+    those steps; that is tolerated until the scale falls below 1 (overflow at every scale: a real divergence)."""
+    if value is None or math.isfinite(v := _value(value)):
+        return
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if what == "grad_norm" and scaler is not None and scaler.get_scale() >= 1.0:
+        return
+    from .checkpoints import complete_checkpoints, resume_command
+    args = trainer.args
+    step = trainer.state.global_step + 1  # the step being computed; its update is not applied
+    found = complete_checkpoints(Path(args.output_dir))
+    last = f"last good checkpoint {found[-1]}" if found else "no checkpoint saved yet"
+    if args.fp16:
+        fix = ("fp16 overflows on Falcon: set compute_dtype=bf16 (Ampere or newer GPUs) or fp32, which keeps "
+               "layer norms in fp32, or lower learning_rate")
+    else:
+        fix = (f"the update diverged: lower learning_rate (now {args.learning_rate:g}) or max_grad_norm, "
+               "and check the rows of this step")
+    resume = f" then resume with: {resume_command(cfg)}" if cfg is not None and found else ""
+    raise NonFiniteError(f"training stopped at step {step}: {what} is {v} (not a finite number); {last}. "
+                         f"Likely fix: {fix};{resume or ' then rerun'}")
+
+
+def checkpoint_bytes(trainable_params: int, tokenizer_bytes: int) -> int:
+    """One checkpoint: fp32 adapter (4 B) + AdamW's two fp32 moments (8 B) per trainable parameter, the tokenizer,
+    and ~1 MB of scheduler/RNG/trainer state."""
+    return 12 * trainable_params + tokenizer_bytes + 1_000_000
+
+
+def tokenizer_bytes(model_path: str) -> int:
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return DEFAULT_TOKENIZER_BYTES
+    return sum((folder / f).stat().st_size for f in TOKENIZER_FILES if (folder / f).is_file())
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_disk(cfg, model, model_path: str) -> int:
+    """Refuse to start when the checkpoints kept under save_total_limit (+1 being written, + the final adapter)
+    do not fit in the free space of output_dir. Returns the bytes needed."""
+    from .checkpoints import complete_checkpoints
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    one = checkpoint_bytes(trainable, tokenizer_bytes(model_path))
+    saves = cfg.max_steps // cfg.save_steps
+    kept = saves if cfg.save_total_limit is None else min(cfg.save_total_limit, saves)
+    have = len(complete_checkpoints(Path(cfg.output_dir)))  # already on disk (resume): no new space needed
+    need = max(0, kept + 1 - have) * one + 4 * trainable + tokenizer_bytes(model_path)
+    free = shutil.disk_usage(cfg.output_dir).free
+    if need > free:
+        raise UserError(f"output_dir {cfg.output_dir} has {_gb(free)} free but the run needs about {_gb(need)} "
+                        f"({kept} checkpoints of {_gb(one)} kept by save_total_limit={cfg.save_total_limit}, one "
+                        "more while saving, the final adapter): free disk, lower save_total_limit, or choose "
+                        "another --output_dir")
+    return need
+
+
+def check_bitsandbytes(device: str | None = None) -> None:
+    """4-bit loading needs a bitsandbytes that imports and can quantize on this device; check with a tiny tensor
+    so a broken install fails in one line, before data or model loading."""
+    try:
+        import torch
+        import bitsandbytes.functional as F
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        F.quantize_4bit(torch.ones(64, dtype=torch.float32, device=device), quant_type="nf4")
+    except Exception as err:  # ImportError, missing CUDA library, no kernel for this device
+        msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"bitsandbytes cannot quantize to 4-bit on {device or 'this machine'} ({msg}): "
+                        "pip install -U bitsandbytes (falcon-qlora doctor shows details), "
+                        "or set load_in_4bit=false for plain LoRA") from None
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """root/parts, refusing any result (after resolving '..' and symlinks) that leaves root."""
+    root_real = Path(os.path.realpath(root))
+    path = Path(root).joinpath(*parts)
+    real = Path(os.path.realpath(path))
+    if real != root_real and root_real not in real.parents:
+        raise UserError(f"{path} resolves to {real}, outside the output directory {root_real}: remove that "
+                        "link or name, or choose another --output_dir")
+    return path
+
+
+def check_output_paths(out: Path) -> None:
+    """Everything falcon-qlora will write under output_dir must stay there (e.g. no `final` symlink elsewhere)."""
+    for name in OUTPUT_NAMES:
+        inside(out, name)
+    for p in Path(out).glob("checkpoint-*"):
+        inside(out, p.name)

@@ -1,0 +1,80 @@
+"""The trainer falcon-qlora runs: TRL's SFTTrainer plus three small overrides (atomic checkpoints, a stop on NaN/inf
+before the bad update is applied, no credentials in what it saves), and the glue train.py calls.
+
+    trainer = safe_trainer_class(SFTTrainer)(model=..., args=..., callbacks=[stop.callback])
+    with stop:                                   # stop = StopOnSignal()
+        trainer.train(resume_from_checkpoint=...)
+    stop.report(trainer, cfg)                    # stopped by a signal: print the resume command
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoints import StopOnSignal, save_checkpoint_atomically
+from .guards import check_finite
+
+# Environment variables whose values must never reach a file of the run directory.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "HF_API_TOKEN")
+
+
+def scrub_args(args) -> None:
+    """training_args.bin is the pickled TrainingArguments: keep tokens out of it. Uploads read HF_TOKEN from the
+    environment (huggingface_hub does), so nothing needs the token stored in the arguments."""
+    for name in [n for n in vars(args) if n.endswith("_token") and n.startswith("hub")]:
+        setattr(args, name, None)
+
+
+def secret_values(environ=None) -> list[str]:
+    """Values of credential-like environment variables (long enough not to match by accident)."""
+    env = os.environ if environ is None else environ
+    names = set(SECRET_ENV) | {k for k in env if k.endswith(("_TOKEN", "_API_KEY", "_SECRET"))}
+    return sorted({env[k] for k in names if len(env.get(k) or "") >= 8})
+
+
+def files_with_secrets(run_dir: Path, secrets: list[str]) -> list[Path]:
+    """Every file under run_dir whose bytes contain one of `secrets` (raw, as in a pickle, or UTF-16)."""
+    needles = [s.encode() for s in secrets] + [s.encode("utf-16-le") for s in secrets]
+    return [p for p in sorted(Path(run_dir).rglob("*")) if p.is_file()
+            and any(n in p.read_bytes() for n in needles)]
+
+
+def safe_trainer_class(base):
+    """`base` (SFTTrainer) with atomic checkpoints, NaN/inf stops and scrubbed arguments."""
+
+    class SafeTrainer(base):
+        _staging_dir = None
+        run_config = None  # the RunConfig, for messages (set by train.build_trainer)
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            scrub_args(self.args)
+
+        def _get_output_dir(self, trial):
+            return self._staging_dir or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+        def training_step(self, model, inputs, *a, **kw):
+            loss = super().training_step(model, inputs, *a, **kw)
+            # Trainer's logging_nan_inf_filter would hide a NaN loss from the logs and train on. Check per
+            # micro-batch on one process only: under DDP a NaN reaches every rank through the gradient all-reduce
+            # and is caught below on all of them, so no rank waits forever on one that stopped.
+            if self.args.world_size == 1:
+                check_finite("loss", loss, self, self.run_config)
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):  # called just before optimizer.step()
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            check_finite("grad_norm", grad_norm, self, self.run_config)
+            return grad_norm
+
+    if not hasattr(base, "_get_grad_norm"):  # transformers moved its hook: say so rather than guard nothing
+        import warnings
+        warnings.warn(f"{base.__name__} has no _get_grad_norm: NaN/inf gradient norms are not checked", stacklevel=2)
+    SafeTrainer.__name__ = SafeTrainer.__qualname__ = f"Safe{base.__name__}"
+    return SafeTrainer
+
+
+__all__ = ["StopOnSignal", "safe_trainer_class", "scrub_args", "secret_values", "files_with_secrets"]
