@@ -1,0 +1,306 @@
+"""Memory and disk a run will need, from the config alone: nothing is downloaded and no GPU is needed.
+
+    falcon-qlora estimate                                   # the reference recipe (Falcon-7B, built-in shapes)
+    falcon-qlora estimate --config demo
+    falcon-qlora estimate --per_device_train_batch_size 16 --gradient_checkpointing false
+    from falcon_qlora.estimate import estimate; estimate(load_config("reference"))   # -> dict of bytes
+
+Model shapes come from built-in tables (Falcon-7B/40B, SmolLM2-135M) or from a local folder's config.json (or the hub
+cache); the model is then built on torch's meta device, which allocates nothing, to count its layers exactly.
+The activation model follows what autograd really keeps for these decoder blocks (4-bit frozen linears keep no
+input; LoRA inputs are kept in fp32, LoRA's dtype; TRL computes the loss in vocabulary tiles without full logits).
+tests/test_estimate.py holds it to within 15% of peaks measured on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import UserError
+
+GiB = 2 ** 30
+# Shapes of the models a user is likely to estimate before downloading them (from their config.json files).
+_FALCON_7B = dict(model_type="falcon", hidden_size=4544, num_attention_heads=71, num_hidden_layers=32,
+                  multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False, alibi=False,
+                  vocab_size=65024)
+_FALCON_40B = dict(model_type="falcon", hidden_size=8192, num_attention_heads=128, num_kv_heads=8,
+                   num_hidden_layers=60, new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False,
+                   vocab_size=65024)
+_SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                     tie_word_embeddings=True)
+BUILTIN_CONFIGS = {"tiiuae/falcon-7b": _FALCON_7B, "tiiuae/falcon-7b-instruct": _FALCON_7B,
+                   "tiiuae/falcon-40b": _FALCON_40B, "tiiuae/falcon-40b-instruct": _FALCON_40B,
+                   "smollm2-135m": _SMOLLM2_135M, "HuggingFaceTB/SmolLM2-135M": _SMOLLM2_135M,
+                   "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M}
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768   # trl.kernels.chunked_logprob: the loss is computed on such tiles
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def model_config(name: str):
+    """A transformers config for `name` without downloading anything."""
+    from transformers import AutoConfig
+    if name in BUILTIN_CONFIGS:
+        spec = dict(BUILTIN_CONFIGS[name])
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if (Path(name) / "config.json").is_file():
+        return AutoConfig.from_pretrained(name)
+    try:
+        return AutoConfig.from_pretrained(name)  # the hub cache, or the hub when online
+    except (OSError, ValueError):
+        known = ", ".join(BUILTIN_CONFIGS)
+        raise UserError(f"no config for model '{name}' here (offline, not cached): pass a local folder with a "
+                        f"config.json as --model_name_or_path, or one of the built-in shapes: {known}") from None
+
+
+def model_shapes(config) -> dict:
+    """Count parameters and list the linear layers by building the model on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out_emb = model.get_output_embeddings()
+    linears = [(name.split(".")[-1], m.in_features, m.out_features)
+               for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out_emb]
+    params = {id(p): p.numel() for p in model.parameters()}
+    h, heads = config.hidden_size, config.num_attention_heads
+    if config.model_type == "falcon":
+        kv = config.num_kv_heads if config.new_decoder_architecture else 1 if config.multi_query else heads
+    else:
+        kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None) or 4 * h
+    return dict(model_type=config.model_type, params=sum(params.values()), linears=linears, hidden=h, heads=heads,
+                kv_heads=kv, head_dim=head_dim, ffn=ffn, layers=config.num_hidden_layers, vocab=config.vocab_size,
+                gated_mlp=any(n == "gate_proj" for n, _, _ in linears),
+                multi_query=config.model_type == "falcon" and not config.new_decoder_architecture
+                and bool(config.multi_query),
+                expand_kv=config.model_type == "falcon" and bool(config.new_decoder_architecture))
+
+
+def quantized_bytes(numel: int, double_quant: bool) -> int:
+    """NF4: half a byte per weight, one absmax per 64-weight block (fp32; with double quantization uint8 plus one
+    fp32 per 256 blocks and the 256-entry 8-bit code table), and the 16-entry NF4 code table."""
+    blocks = math.ceil(numel / 64)
+    consts = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
+    consts += 16 * 4
+    return math.ceil(numel / 2) + consts
+
+
+def optimizer_bytes_per_param(optim: str) -> float:
+    o = optim.lower()
+    if "8bit" in o:
+        return 2.0 if "adam" in o else 1.0
+    if "adafactor" in o:
+        return 0.1  # factored second moment only
+    if "sgd" in o:
+        return 0.0
+    if "lion" in o:
+        return 4.0
+    return 8.0  # AdamW: two fp32 moments (paged or not)
+
+
+def _lora_saved(cfg: RunConfig, name: str, dim: int, d: int, shared: bool) -> int:
+    """Bytes per token that a LoRA branch keeps for backward: its (fp32) input, the dropout mask, A's output."""
+    if name not in cfg.lora_target_modules:
+        return 0
+    lb = 4  # falcon-qlora keeps LoRA weights in fp32; peft casts the input to their dtype
+    if cfg.lora_dropout > 0:
+        x = dim * lb + dim  # dropout output + bool mask
+    elif d != lb:
+        x = dim * lb        # the cast copy
+    else:
+        x = 0 if shared else dim * d  # the input itself; `shared`: already kept by another consumer
+    return x + cfg.lora_r * lb
+
+
+def layer_activation_bytes(sh: dict, cfg: RunConfig, seq: int, d: int, cuda: bool) -> int:
+    """Bytes per token one decoder layer keeps for backward (no checkpointing)."""
+    h, ffn, n, hd = sh["hidden"], sh["ffn"], sh["heads"], sh["head_dim"]
+    plain_x = cfg.lora_dropout == 0 and d == 4  # LoRA A keeps the very input tensor
+    lo = lambda name, dim, shared=False: _lora_saved(cfg, name, dim, d, shared)  # noqa: E731
+    if sh["multi_query"]:  # one K/V head: SDPA takes its math path, in fp32: q, expanded k and v, probabilities
+        attn = 3 * h * 4 + n * seq * 4
+    else:  # a fused kernel keeps q, k, v, output, log-sum-exp and the additive padding mask
+        # Falcon-40B's block expands K/V to every head; transformers repeats Llama's K/V heads when masked
+        kv = h if sh["expand_kv"] or sh["gated_mlp"] else sh["kv_heads"] * hd
+        attn = 2 * h * d + 2 * kv * d + n * 4 + seq * (d if cuda else 4)
+    if sh["model_type"] == "falcon":
+        n_ln = 2 if sh["expand_kv"] else 1
+        ln = h * d + 8 * n_ln
+        ln_out = h * d * n_ln if plain_x else 0
+        return (ln + ln_out + lo("query_key_value", h, True) + lo("dense_h_to_4h", h, True) + attn
+                + lo("dense", h) + ffn * d + lo("dense_4h_to_h", ffn))
+    # Llama family: two RMSNorms (each keeps an fp32 copy of its input), SwiGLU MLP
+    norms = 2 * (h * 4 + 4)
+    norm_out = 2 * h * d if plain_x else 0
+    qkv = lo("q_proj", h, True) + lo("k_proj", h, True) + lo("v_proj", h, True)
+    mlp = 3 * ffn * d + lo("gate_proj", h, True) + lo("up_proj", h, True) + lo("down_proj", ffn)
+    return norms + norm_out + qkv + attn + lo("o_proj", h) + mlp
+
+
+def compute_bytes(cfg: RunConfig, cuda: bool) -> int:
+    if cfg.compute_dtype == "auto":
+        return 2 if cuda else 4  # bf16 (fp16 on a T4: the same size); fp32 on a CPU
+    return DTYPE_BYTES[cfg.compute_dtype]
+
+
+def estimate(cfg: RunConfig, device: str = "cuda") -> dict:
+    """Peak training memory on one device (bytes) and the disk the run's checkpoints take, from the config alone.
+
+    Peak = base weights (4-bit linears + the rest in the compute dtype) + LoRA weights, gradients and optimizer
+    state (fp32) + activations of one micro-batch of rows at max_length: every layer's kept tensors (or only each
+    layer's input with gradient checkpointing, plus one layer recomputed), and the loss head's tiles.
+    device: "cuda" (what a GPU run needs) or "cpu" (how the tests measure it: fp32, no fused kernels).
+    """
+    cuda = device == "cuda"
+    sh = model_shapes(model_config(cfg.model_name_or_path))
+    d = compute_bytes(cfg, cuda)
+    b, s, h, L = cfg.per_device_train_batch_size, cfg.max_length, sh["hidden"], sh["layers"]
+    T, Tn = b * s, b * (s - 1)  # tokens in a micro-batch; positions that predict a next token
+    sizes = [i * o for _, i, o in sh["linears"]]
+    linear_params = sum(sizes)
+    if cfg.load_in_4bit:
+        base = sum(quantized_bytes(n, cfg.bnb_4bit_use_double_quant) for n in sizes)
+    else:
+        base = linear_params * d
+    weights = base + (sh["params"] - linear_params) * d
+    lora = sum(cfg.lora_r * (i + o) for name, i, o in sh["linears"] if name in cfg.lora_target_modules)
+    if lora == 0:
+        raise UserError(f"lora_target_modules {cfg.lora_target_modules} match no linear layer of "
+                        f"{cfg.model_name_or_path} (its layers: {sorted({n for n, _, _ in sh['linears']})})")
+    lora_b, grads, optim = 4 * lora, 4 * lora, int(optimizer_bytes_per_param(cfg.optim) * lora)
+    static = weights + lora_b + grads + optim
+
+    layer = layer_activation_bytes(sh, cfg, s, d, cuda) * T
+    dequant = max(sizes) * d if cfg.load_in_4bit else 0  # one weight dequantized at a time, forward and backward
+    layer_bwd = 2 * T * max(sh["ffn"] * 4, sh["heads"] * s * 4 if sh["multi_query"] else 0) + dequant
+    kept = L * T * h * d if cfg.gradient_checkpointing else L * layer
+    inputs = T * (3 * 8 + 2 * sh["head_dim"] * 4)  # ids, labels, mask; rotary cos/sin
+    head_kept = T * h * d + Tn * h * d  # final norm input; the flattened hidden states the loss keeps
+    tile = min(Tn, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * d  # TRL's logits tile (full width even for small vocabs)
+    cpu_tiles = 0 if cuda else 5 * min(Tn, TRL_TOKEN_TILE) * min(sh["vocab"], TRL_VOCAB_TILE) * 4
+    loss_phase = head_kept + tile + Tn * h * 4 + cpu_tiles  # + fp32 gradient of the hidden states
+    layer_phase = layer + layer_bwd if cfg.gradient_checkpointing else layer_bwd
+    activations = inputs + kept + max(loss_phase, layer_phase)
+    out = dict(model=cfg.model_name_or_path, device=device, compute_bytes=d, params=sh["params"],
+               quantized_params=linear_params if cfg.load_in_4bit else 0, lora_params=lora,
+               weights_bytes=weights, lora_bytes=lora_b, grad_bytes=grads, optimizer_bytes=optim,
+               activation_bytes=activations, peak_bytes=static + activations,
+               tokens_per_micro_batch=T, layer_activation_bytes=layer)
+    out.update(disk_estimate(cfg, lora))
+    return out
+
+
+def measure_training_peak(cfg: RunConfig, train_dataset=None) -> int:
+    """Train as `falcon-qlora train` would (cfg.max_steps steps, no saving) and return the peak bytes of live tensors
+    during the training steps, weights included: what `estimate(cfg)["peak_bytes"]` predicts. On a GPU this is
+    torch.cuda.max_memory_allocated; torch keeps no CPU counter, so on a CPU the profiler's allocation events are
+    replayed (each carries the allocator's running total)."""
+    import torch
+    from transformers import TrainerCallback
+    from . import data as D
+    from .model import attach_lora, load_base_model, load_tokenizer
+    from .train import build_trainer
+    cfg = RunConfig(**{**cfg.__dict__, "save_steps": cfg.max_steps + 1, "eval_steps": None})
+    cuda = torch.cuda.is_available()
+    marker = 999_983  # an allocation of this odd size marks the start of training in the CPU event stream
+
+    class Mark(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                del kwargs  # allocate and free the marker
+                torch.empty(marker, dtype=torch.uint8)
+
+    def run():
+        train_ds, _ = D.load_dataset_splits(cfg, train_dataset, None)
+        tok = load_tokenizer(cfg.model_name_or_path, cfg)
+        model = attach_lora(load_base_model(cfg), cfg)
+        build_trainer(cfg, model, tok, train_ds, None, callbacks=[Mark()]).train()
+
+    if cuda:
+        run()
+        return torch.cuda.max_memory_allocated()
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+        stack.extend(node.children)
+    events.sort()
+    offset = events[0][2] - events[0][1]  # the running total counts from before this profile
+    start = next(i for i, e in enumerate(events) if e[1] == marker)
+    return max(e[2] for e in events[start + 2:]) - offset
+
+
+def disk_estimate(cfg: RunConfig, lora_params: int) -> dict:
+    """Each checkpoint holds the fp32 adapter, the optimizer state and the tokenizer; save_total_limit bounds how
+    many stay on disk (one more exists for a moment while the trainer rotates them)."""
+    tok = _tokenizer_bytes(cfg.model_name_or_path)
+    ckpt = lora_params * (4 + optimizer_bytes_per_param(cfg.optim)) + tok + 64 * 1024
+    written = cfg.max_steps // cfg.save_steps
+    limit = cfg.save_total_limit
+    kept = written if limit is None else min(written, limit)
+    final = lora_params * 4 + tok
+    return dict(checkpoint_bytes=int(ckpt), checkpoints_written=written, checkpoints_kept=kept,
+                disk_bytes=int(kept * ckpt + final), disk_peak_bytes=int(min(written, kept + 1) * ckpt + final))
+
+
+def _tokenizer_bytes(name: str) -> int:
+    folder = Path(name)
+    files = [p for p in folder.glob("*") if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))]
+    return sum(p.stat().st_size for p in files) if files else 3 * 2 ** 20  # Falcon's tokenizer.json is ~2.7 MB
+
+
+def render(est: dict, cfg: RunConfig) -> str:
+    g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
+    ckpt = "on" if cfg.gradient_checkpointing else "off"
+    lines = [
+        f"{est['model']}: {est['params'] / 1e9:.2f} B parameters, {est['quantized_params'] / 1e9:.2f} B of them in "
+        f"{'4-bit' if cfg.load_in_4bit else 'full precision'}; LoRA r={cfg.lora_r}: {est['lora_params']:,} trainable",
+        f"  base weights                {g(est['weights_bytes'])}",
+        f"  LoRA weights (fp32)         {g(est['lora_bytes'])}",
+        f"  gradients (fp32)            {g(est['grad_bytes'])}",
+        f"  optimizer state ({cfg.optim}) {g(est['optimizer_bytes'])}",
+        f"  activations                 {g(est['activation_bytes'])}   (batch {cfg.per_device_train_batch_size} x "
+        f"{cfg.max_length} tokens, checkpointing {ckpt})",
+        f"  peak {est['device']} memory           {g(est['peak_bytes'])}",
+        f"disk: {est['checkpoints_written']} checkpoints of {est['checkpoint_bytes'] / GiB:.2f} GiB written "
+        f"(every {cfg.save_steps} of {cfg.max_steps} steps), {est['checkpoints_kept']} kept "
+        f"(save_total_limit={cfg.save_total_limit}): {est['disk_bytes'] / GiB:.2f} GiB with the final adapter, "
+        f"{est['disk_peak_bytes'] / GiB:.2f} GiB at the peak",
+    ]
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    """`falcon-qlora estimate [--config PRESET_OR_YAML] [--key value ...] [--device cuda|cpu] [--json]`"""
+    argv = list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(cli.__doc__.strip("`") + "\n\nEstimates GPU memory and checkpoint disk of a training run from its "
+              "config (same keys as `falcon-qlora train`), without downloading the model.")
+        return 0
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    device = "cuda"
+    if "--device" in argv:
+        i = argv.index("--device")
+        device = argv[i + 1] if i + 1 < len(argv) else ""
+        if device not in ("cuda", "cpu"):
+            raise UserError(f"--device {device!r}: use cuda or cpu")
+        del argv[i:i + 2]
+    from .train import parse_args
+    cfg = parse_args(argv)
+    est = estimate(cfg, device=device)
+    print(json.dumps(est, indent=2) if as_json else render(est, cfg), file=sys.stdout)
+    return 0
