@@ -188,7 +188,8 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     if cfg.resume:
         found = checkpoints(out)
         resume = str(found[-1]) if found else None
-        print(f"resuming from {resume}" if resume else f"no checkpoint in {out}: starting from step 0")
+        if dist.is_main():
+            print(f"resuming from {resume}" if resume else f"no checkpoint in {out}: starting from step 0")
     with stop:
         trainer.train(resume_from_checkpoint=resume)
     stop.report(trainer, cfg)
