@@ -81,13 +81,14 @@ def staging_for(dst: Path) -> Path:
 def publish(src: Path, dst: Path) -> Path:
     """Rename a finished folder into place; an existing `dst` is moved aside first and deleted after."""
     _fsync_tree(src)
-    old = dst.with_name(f"{TRASH}{dst.name}")
-    if dst.exists():
+    old = dst.with_name(f"{TRASH}{dst.name}") if dst.exists() else None
+    if old:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
     _fsync_dir(dst.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
@@ -142,6 +143,15 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
     rotate(run_dir, trainer.args.save_total_limit)
 
 
+def load_finished(trainer, ckpt: Path) -> None:
+    """The adapter weights and the trainer state (log history, step) of a checkpoint, without training."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+    set_peft_model_state_dict(trainer.model, load_file(str(ckpt / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+
+
 def resume_command(cfg) -> str:
     """The command that continues this run from its newest checkpoint."""
     parts = ["falcon-qlora", "train", "--config", str(Path(cfg.output_dir) / "run_config.yaml"), "--resume", "true"]
@@ -190,6 +200,15 @@ class StopOnSignal:
             signal.signal(s, handler)
         self._previous = {}
         return False
+
+    def train(self, trainer, resume: str | None) -> None:
+        """trainer.train() with the signals caught. A checkpoint already at max_steps is a finished run: load it
+        instead (transformers 5.24 would train one step past max_steps when resumed from it)."""
+        with self:
+            if resume and step_of(Path(resume)) >= trainer.args.max_steps:
+                load_finished(trainer, Path(resume))
+            else:
+                trainer.train(resume_from_checkpoint=resume)
 
     def report(self, trainer, cfg) -> None:
         """After trainer.train(): if a signal stopped training early, print where it is saved and how to resume,

@@ -190,8 +190,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         resume = str(found[-1]) if found else None
         if dist.is_main():
             print(f"resuming from {resume}" if resume else f"no checkpoint in {out}: starting from step 0")
-    with stop:
-        trainer.train(resume_from_checkpoint=resume)
+    stop.train(trainer, resume)  # trainer.train(), saving and stopping on Ctrl-C / SIGTERM
     stop.report(trainer, cfg)
     metrics = {"train_steps": trainer.state.global_step, **plan.as_metrics()}
     if eval_ds is not None:
