@@ -9,6 +9,7 @@ falcon-qlora's requirements and known-bad combinations; free disk against the ru
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -147,12 +148,14 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> tuple[bool, str]:
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False, "offline mode (HF_HUB_OFFLINE=1)"
+    url = constants.ENDPOINT.rstrip("/") + "/api/models?limit=1"  # a hub answers with a JSON list
     try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            json.loads(resp.read(1 << 16))
         return True, f"{constants.ENDPOINT} reachable"
-    except urllib.error.HTTPError as err:  # an HTTP answer still means the network path works
-        return True, f"{constants.ENDPOINT} reachable (HTTP {err.code})"
-    except (urllib.error.URLError, OSError) as err:
+    except urllib.error.HTTPError as err:  # something answered, but not a working hub (a proxy, a captive portal)
+        return False, f"{constants.ENDPOINT} answered HTTP {err.code}: not a working hub"
+    except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         return False, f"{constants.ENDPOINT} unreachable within {timeout:.0f} s ({reason})"
 

@@ -1,0 +1,67 @@
+"""doctor: one screen on the environment; exit status 1 exactly when a run of the config would fail."""
+from __future__ import annotations
+
+from conftest import tiny_overrides
+
+from falcon_qlora import doctor
+from falcon_qlora.config import load_config
+
+
+def _args(overrides: dict) -> list[str]:
+    return [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+
+
+def test_bitsandbytes_4bit_matmul_really_runs():
+    [(status, msg)] = doctor.check_bnb_matmul()
+    assert status == doctor.OK and "NF4 matmul on cpu" in msg
+
+
+def test_reference_recipe_on_this_cpu_fails(capsys):
+    """Falcon-7B without a GPU (and without the hub) cannot run: non-zero exit, the reason on its own line."""
+    assert doctor.cli(["--config", "reference"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  no CUDA GPU found" in out
+    assert "would fail" in out.splitlines()[-1]
+
+
+def test_local_tiny_run_passes(tiny_falcon_7b_arch, tiny_data, tmp_path, capsys):
+    ov = tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "run")
+    assert doctor.cli(_args(ov)) == 0
+    out = capsys.readouterr().out
+    assert "bitsandbytes NF4 matmul" in out and "disk:" in out and "hub:" in out
+    assert out.splitlines()[-1] == "no problems found: this config can run here"
+
+
+def test_transformers_5_4_with_trl_1_16_flagged_under_accumulation(monkeypatch):
+    versions = {"transformers": "5.4.0", "trl": "1.16.0"}
+    real = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda pkg: versions.get(pkg) or real(pkg))
+    accum = doctor.check_versions(load_config("reference"), "falcon")          # gradient_accumulation_steps 4
+    single = doctor.check_versions(load_config("reference", gradient_accumulation_steps=1), "falcon")
+    assert any(s == doctor.FAIL and "scales gradients wrongly" in m for s, m in accum)
+    assert any(s == doctor.FAIL and "transformers 5.4.0 is outside" in m for s, m in accum)  # pyproject's range
+    assert not any(s == doctor.FAIL and "scales gradients" in m for s, m in single)
+
+
+def test_falcon_quantization_fix_is_reported():
+    results = doctor.check_versions(load_config("reference"), "falcon")
+    assert any(s == doctor.INFO and "falcon-qlora fixes this" in m for s, m in results)
+    assert not any("fixes this" in m for _, m in doctor.check_versions(load_config("demo"), "llama"))
+
+
+def test_too_little_disk_fails(monkeypatch, tmp_path):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**6, 10**6))
+    [(status, msg)] = doctor.check_memory_and_disk(load_config("reference", output_dir=str(tmp_path / "x" / "y")))
+    assert status == doctor.FAIL and "save_total_limit" in msg and str(tmp_path) in msg
+
+
+def test_hub_check_is_quick_and_one_line_offline(monkeypatch):
+    import time
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://10.255.255.1")  # unroutable: times out
+    t = time.time()
+    up, msg = doctor.hub_reachable(timeout=0.5)
+    assert not up and "http://10.255.255.1" in msg and "\n" not in msg
+    assert time.time() - t < 5

@@ -1,0 +1,89 @@
+"""estimate: config-only memory and disk figures, held against what a real run allocates on the CPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_overrides
+from tiny import build_tokenizer, guanaco_rows, write_jsonl
+
+from falcon_qlora.config import load_config, make_config
+from falcon_qlora.estimate import estimate, measure_training_peak, quantized_bytes
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory):
+    """Rows longer than any max_length used here, so every row is truncated to it (the estimate's assumption)."""
+    d = tmp_path_factory.mktemp("long")
+    rows = guanaco_rows(40, seed=3)
+    write_jsonl(d / "train.jsonl", [{"text": " ".join(r["text"] for r in rows[i:i + 20])} for i in range(16)])
+    return d
+
+
+@pytest.fixture(scope="module")
+def wide_falcon(tmp_path_factory):
+    """A Falcon-7B-style model (multi-query attention) wide enough that activations outweigh TRL's loss tiles."""
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+    path = tmp_path_factory.mktemp("wide")
+    tok = build_tokenizer(path)
+    cfg = FalconConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                       multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False,
+                       alibi=False, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    FalconForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_falcon_7b_counts_offline():
+    """The reference model's shapes come from the built-in table: no download, exact parameter counts."""
+    est = estimate(load_config("reference"))
+    assert est["params"] == 6_921_720_704            # Falcon-7B, embeddings tied to the LM head
+    assert est["quantized_params"] == 32 * 4544 * (4672 + 4544 + 2 * 18176)
+    assert est["lora_params"] == 64 * 32 * ((4544 + 4672) + (4544 + 4544) + 2 * (4544 + 18176))
+    assert 3.4 * 2**30 < est["weights_bytes"] < 4.0 * 2**30  # ~3.6 GiB measured on the GPU (stack facts)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantized_bytes_match_bitsandbytes(double_quant):
+    """The 4-bit weight formula equals the bytes bitsandbytes really stores (packed weight + constants)."""
+    import bitsandbytes.functional as F
+    import torch
+    w = torch.randn(384, 320)
+    q, st = F.quantize_4bit(w, quant_type="nf4", compress_statistics=double_quant)
+    tensors = [q, st.absmax, st.code] + ([st.state2.absmax, st.state2.code] if double_quant else [])
+    real = sum(t.numel() * t.element_size() for t in tensors)
+    assert abs(quantized_bytes(w.numel(), double_quant) - real) <= 8
+
+
+def test_checkpoint_count_follows_save_total_limit():
+    limited = estimate(load_config("reference"))
+    unlimited = estimate(load_config("reference", save_total_limit=None))
+    assert (limited["checkpoints_written"], limited["checkpoints_kept"]) == (50, 3)
+    assert unlimited["checkpoints_kept"] == 50
+    assert unlimited["disk_bytes"] - limited["disk_bytes"] == 47 * limited["checkpoint_bytes"]
+
+
+@pytest.mark.parametrize("case", ["tiny", "wide", "wide-ckpt"])
+def test_peak_within_15_percent_of_measured(case, tiny_falcon_7b_arch, wide_falcon, long_rows, tmp_path):
+    """A real training run (2 steps, optimizer state included) on the CPU peaks within 15% of the estimate."""
+    model = tiny_falcon_7b_arch if case == "tiny" else wide_falcon
+    kw = dict(max_length=64) if case == "tiny" else dict(max_length=192, per_device_train_batch_size=1)
+    cfg = make_config(**tiny_overrides(model, long_rows, tmp_path, max_steps=2, eval_split=None,
+                                       gradient_checkpointing=case.endswith("ckpt"), **kw))
+    measured = measure_training_peak(cfg)
+    est = estimate(cfg, device="cpu")
+    print(f"{case}: estimated {est['peak_bytes']:,} measured {measured:,} ratio {est['peak_bytes'] / measured:.3f}")
+    assert abs(est["peak_bytes"] / measured - 1) < 0.15, (est, measured)
+    if case.startswith("wide"):  # the activations are most of what is measured, so they are what is checked
+        assert est["activation_bytes"] > 0.8 * est["peak_bytes"]
+
+
+def test_cli_table_and_json(capsys):
+    from falcon_qlora.estimate import cli
+    assert cli(["--config", "reference", "--per_device_train_batch_size", "16"]) == 0
+    table = capsys.readouterr().out
+    assert "peak cuda memory" in table and "batch 16 x 512" in table
+    assert cli(["--config", "reference", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 6_921_720_704
