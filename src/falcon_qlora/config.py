@@ -81,9 +81,9 @@ class RunConfig:
     max_steps: int = _f(500, "Optimizer steps.")
     warmup_ratio: float = _f(0.03, "Share of max_steps spent warming up.")
     lr_scheduler_type: str = _f("constant_with_warmup",
-                                "Schedule. The reference's 'constant' with 3% warmup is constant_with_warmup.")
+                                "Schedule. The reference's 'constant' with 3 percent warmup is constant_with_warmup.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (less memory, ~30% slower).")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (less memory, ~1.3x the time).")
     profile: Literal["auto", "reference", "speed", "memory"] = _f(
         "auto", "Speed/memory profile; none changes what is learned. auto: speed where memory allows.")
     save_steps: int = _f(10, "Checkpoint every N steps.")
