@@ -179,7 +179,7 @@ def run(a, result: dict, write) -> None:
     result["build"] = build_model(folder, shape, a.layers, cuda)
     cfg = make_config(model_name_or_path=str(folder), output_dir=str(Path(a.workdir) / "run"), max_length=a.seq,
                       per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, max_steps=a.steps,
-                      save_steps=a.steps, save_total_limit=1, logging_steps=1, lora_r=a.lora_r, lora_alpha=16,
+                      save_steps=10 * a.steps, save_total_limit=1, logging_steps=1, lora_r=a.lora_r, lora_alpha=16,
                       optim=a.optim, warmup_ratio=0.0, gradient_checkpointing=not a.no_grad_ckpt, eval_split=None,
                       disable_tqdm=True, report_to="none", overwrite=True)
     dtype = resolve_compute_dtype(cfg)
@@ -228,17 +228,23 @@ def run(a, result: dict, write) -> None:
                        "fsdp": fsdp_summary(trainer.model_wrapped)}
     timed = [s["s"] for s in steps[1:]] or [s["s"] for s in steps]
     result["train"]["tokens_per_s"] = round(a.batch * a.seq * dist.world_size() / (sum(timed) / len(timed)), 1)
-    result["checkpoint_saved"] = (Path(cfg.output_dir) / f"checkpoint-{a.steps}").is_dir()
+    result["estimate_60_layers"] = extrapolate(result, shape, a, lora // a.layers, layer_b, rest_b)
     write()
-
+    # Saving comes after the figures, each part on its own, so that a failure here still leaves them.
+    try:  # a resumable checkpoint, as at a save_steps boundary (sharded state dict under FSDP)
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        files = sorted(p.name for p in (Path(cfg.output_dir) / f"checkpoint-{a.steps}").iterdir())
+        result["checkpoint"] = {"ok": True, "files": files}
+    except Exception as err:
+        result["checkpoint"] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:1000]}
+    write()
     final = Path(cfg.output_dir) / "final"
     dist.prepare_final_save(trainer)
-    trainer.save_model(str(final))
+    trainer.save_model(str(final))  # the gathered adapter, as train() saves it
     from safetensors import safe_open
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
         result["final_adapter_tensors"] = len(list(f.keys()))
     result["expected_adapter_tensors"] = 2 * len(cfg.lora_target_modules) * a.layers
-    result["estimate_60_layers"] = extrapolate(result, shape, a, lora // a.layers, layer_b, rest_b)
 
 
 def extrapolate(result, shape, a, lora_per_layer, layer_b, rest_b) -> dict:

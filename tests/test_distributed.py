@@ -228,5 +228,6 @@ def test_fsdp_40b_bench_script_runs_on_a_tiny_shape(tmp_path):
     bench.main(["--tiny", "--no-fsdp", "--layers", "2", "--workdir", str(tmp_path / "w"), "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["ok"] and result["train"]["loss"] > 0 and len(result["steps"]) == 2
-    assert result["checkpoint_saved"] and result["final_adapter_tensors"] == result["expected_adapter_tensors"]
+    assert result["checkpoint"]["ok"] and "adapter_model.safetensors" in result["checkpoint"]["files"]
+    assert result["final_adapter_tensors"] == result["expected_adapter_tensors"]
     assert result["load"]["per_layer_4bit_bytes"] > 0
