@@ -35,7 +35,9 @@ class TrainResult:
 def check_device(cfg: RunConfig) -> None:
     """Without a CUDA GPU only small local models make sense; say so in one line instead of failing deep inside."""
     import torch
-    from .model import MODEL_ALIASES, is_local_model
+    from .model import MODEL_ALIASES, is_local_model, resolve_model_path
+    if cfg.model_name_or_path not in MODEL_ALIASES:
+        resolve_model_path(cfg.model_name_or_path)  # a missing local path: say that, not "no GPU"
     if torch.cuda.is_available() or cfg.model_name_or_path in MODEL_ALIASES:
         return
     name = cfg.model_name_or_path
@@ -156,10 +158,10 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     from .checkpoints import StopOnSignal, publish, staging_for
     from .guards import check_bitsandbytes, check_disk, inside
     check_device(cfg)
-    if cfg.load_in_4bit and model is None:
-        check_bitsandbytes()
     dist.init()  # several processes: join the group now, so that only the main one writes
     dist.check_fsdp(resolve_compute_dtype(cfg))
+    if cfg.load_in_4bit and model is None:
+        check_bitsandbytes()  # a broken install fails here, in one line, not deep inside the model load
     out = prepare_output_dir(cfg)
     dist.barrier()
     train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset)  # before any model is loaded
@@ -230,13 +232,27 @@ def parse_args(argv: list[str]) -> RunConfig:
         (cfg,) = parser.parse_args_and_config(argv)
     except ValidationError as err:
         raise ConfigError(_pretty(err)) from None
-    except ValueError as err:  # e.g. TRL's "Unknown arguments from config file"
-        raise ConfigError(str(err).splitlines()[0]) from None
+    except ValueError as err:  # argparse errors (see _parser_error), unknown keys in the YAML or on the command line
+        raise ConfigError(_parse_message(str(err))) from None
     return make_config(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
 
 
 def _parser_error(message: str):
-    raise ConfigError(f"{message} (see falcon-qlora train --help)")
+    raise ValueError(message)
+
+
+def _parse_message(msg: str) -> str:
+    """TRL/HfArgumentParser say 'Unknown arguments from config file: ['--x', '1']. Please ... add them to the
+    dataclass ...'; users need the key names and where to look them up."""
+    import re
+    msg = msg.splitlines()[0]
+    listed = re.search(r"\[(.*)\]", msg)
+    if "nknown arguments" in msg or "not used by the HfArgumentParser" in msg:
+        items = [k.strip(" '\"") for k in listed.group(1).split(",")] if listed else []
+        keys = ", ".join(k.lstrip("-") for k in items if k.startswith("--")) or "?"
+        where = "in the config file" if "config file" in msg else "on the command line"
+        return f"unknown config key {keys} {where} (see falcon-qlora train --help for the valid keys)"
+    return f"{msg} (see falcon-qlora train --help)"
 
 
 def cli(argv: list[str]) -> int:
