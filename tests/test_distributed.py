@@ -78,9 +78,11 @@ def _linear4bit_dtypes(model) -> set:
 
 def test_fsdp_stores_4bit_weights_in_the_compute_dtype_without_changing_the_math(tiny_falcon, monkeypatch):
     import torch
+    from falcon_qlora.model import trainable_summary
     fsdp = _load(tiny_falcon, True, monkeypatch)
     plain = _load(tiny_falcon, False, monkeypatch)
     assert _linear4bit_dtypes(fsdp) == {"torch.float32"} and _linear4bit_dtypes(plain) == {"torch.uint8"}
+    assert trainable_summary(fsdp) == trainable_summary(plain)  # counts parameters, not storage elements
     ids = torch.arange(1, 17).view(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(fsdp(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -212,9 +212,16 @@ def attach_lora(model, cfg: RunConfig):
     return get_peft_model(model, lora_config(cfg))
 
 
+def _param_count(p) -> int:
+    """A 4-bit weight packs several parameters per stored element (2 in uint8, 4 in the bf16 storage FSDP uses):
+    count the original ones, so the figure is the same however the weights are stored."""
+    qs = getattr(p, "quant_state", None)
+    return qs.shape.numel() if qs is not None else p.numel()
+
+
 def trainable_summary(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_param_count(p) for p in model.parameters())
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
 
 
