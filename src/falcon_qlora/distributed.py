@@ -30,10 +30,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def is_main() -> bool:
     """Only this process logs, writes the run config/metrics/plot and saves the final adapter."""
     return rank() == 0
