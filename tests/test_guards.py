@@ -1,0 +1,129 @@
+"""Bad numbers and too little disk stop a run at once, in one line, with the step, the last good checkpoint and the
+fix; rows that would train nothing under completion-only loss are counted and dropped."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+
+
+def _argv(model, data, out, **kw) -> list[str]:
+    argv = ["train"]
+    for k, v in tiny_overrides(model, data, out, **kw).items():
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
+def _poison_after_save(monkeypatch, step: int, how: str):
+    """Once checkpoint-<step> is on disk, make the next step's numbers bad: a NaN LoRA weight (-> NaN loss), or an
+    infinite gradient on one LoRA weight (finite loss, inf gradient norm)."""
+    import falcon_qlora.train as T
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            if state.global_step != step:
+                return
+            p = next(p for n, p in model.named_parameters() if "lora_A" in n)
+            if how == "nan":
+                with torch.no_grad():
+                    p[0, 0] = float("nan")
+            else:
+                p.register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    build = T.build_trainer
+    monkeypatch.setattr(T, "build_trainer", lambda *a, callbacks=(), **k: build(*a, callbacks=[*callbacks, Poison()],
+                                                                                  **k))
+
+
+@pytest.mark.parametrize("how,what", [("nan", "loss is nan"), ("inf-grad", "grad_norm is inf")])
+def test_non_finite_stops_at_that_step(how, what, tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    from falcon_qlora.cli import main
+    out = tmp_path / "run"
+    _poison_after_save(monkeypatch, 3, how)
+    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=8, save_steps=3))
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert line.startswith(f"falcon-qlora train: error: training stopped at step 4: {what}"), line
+    assert f"last good checkpoint {out / 'checkpoint-3'}" in line
+    assert "lower learning_rate (now 0.003)" in line and "--resume" in line
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"] and not (out / "final").exists()
+    saved = load_file(str(out / "checkpoint-3" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())  # the last good checkpoint really is good
+
+
+def _fake_trainer(fp16=False, scale=None, out="/nowhere"):
+    scaler = SimpleNamespace(get_scale=lambda: scale) if scale is not None else None
+    return SimpleNamespace(args=SimpleNamespace(output_dir=out, fp16=fp16, learning_rate=2e-4),
+                           state=SimpleNamespace(global_step=41), accelerator=SimpleNamespace(scaler=scaler))
+
+
+def test_fp16_overflow_message_names_the_fix():
+    from falcon_qlora.guards import NonFiniteError, check_finite
+    with pytest.raises(NonFiniteError) as err:
+        check_finite("loss", torch.tensor(float("inf")), _fake_trainer(fp16=True))
+    msg = str(err.value)
+    assert "step 42: loss is inf" in msg and "no checkpoint saved yet" in msg
+    assert "compute_dtype=bf16" in msg and "fp32" in msg
+
+
+def test_fp16_grad_scaler_overflow_is_tolerated_until_the_scale_collapses():
+    """The fp16 grad scaler skips steps with inf gradients on purpose while it lowers its scale; only an overflow
+    at a scale below 1 is a real divergence."""
+    from falcon_qlora.guards import NonFiniteError, check_finite
+    check_finite("grad_norm", math.inf, _fake_trainer(fp16=True, scale=65536.0))  # no error
+    check_finite("grad_norm", 0.7, _fake_trainer(fp16=True, scale=0.5))
+    with pytest.raises(NonFiniteError, match="grad_norm is inf"):
+        check_finite("grad_norm", math.inf, _fake_trainer(fp16=True, scale=0.5))
+    with pytest.raises(NonFiniteError, match="loss is nan"):  # a NaN loss is never the scaler's doing
+        check_finite("loss", math.nan, _fake_trainer(fp16=True, scale=65536.0))
+
+
+def test_disk_too_small_refuses_before_training(tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch, capsys):
+    import shutil
+    from falcon_qlora.cli import main
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2_000_000))
+    code = main(_argv(tiny_falcon_7b_arch, tiny_data, tmp_path / "run", save_total_limit=3))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "has 2.0 MB free but the run needs about" in line, line
+    assert "save_total_limit=3" in line and "lower save_total_limit" in line
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_checkpoint_size_estimate_matches_what_is_written(tiny_falcon_7b_arch, tiny_data, tmp_path):
+    """12 bytes per trainable parameter (fp32 adapter + two fp32 AdamW moments) is what a checkpoint holds."""
+    from falcon_qlora.config import make_config
+    from falcon_qlora.train import train
+    res = train(make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "run", max_steps=2,
+                                             save_steps=2, eval_split=None)))
+    trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
+    ck = res.output_dir / "checkpoint-2"
+    written = (ck / "adapter_model.safetensors").stat().st_size + (ck / "optimizer.pt").stat().st_size
+    assert 0.9 < written / (12 * trainable) < 1.3, (written, trainable)
+
+
+def test_rows_with_no_answer_within_max_length_are_counted_and_dropped(tiny_falcon_7b_arch, capsys):
+    """Completion-only loss: a row whose prompt fills max_length has every label masked; training on it would add
+    zero-loss rows. They are dropped with a count."""
+    from datasets import Dataset
+    from falcon_qlora.config import make_config
+    from falcon_qlora.data import tokenize_completion_only
+    from falcon_qlora.errors import UserError
+    from falcon_qlora.model import load_tokenizer
+    cfg = make_config(model_name_or_path=str(tiny_falcon_7b_arch), max_length=24, completion_only_loss=True)
+    tok = load_tokenizer(str(tiny_falcon_7b_arch), cfg)
+    short = "### Human: what is two plus two? ### Assistant: four."
+    long = "### Human: " + "what is two plus two " * 20 + "? ### Assistant: four."
+    ds = Dataset.from_list([{"text": t} for t in [short, long, short, long, long]])
+    out = tokenize_completion_only(ds, tok, cfg)
+    assert len(out) == 2 and all(any(m) for m in out["completion_mask"])
+    assert "3 rows have no assistant token within max_length=24 and were dropped" in capsys.readouterr().out
+    with pytest.raises(UserError, match="raise max_length"):
+        tokenize_completion_only(Dataset.from_list([{"text": long}]), tok, cfg)
