@@ -1,0 +1,137 @@
+"""Security: no code from a model folder runs unless asked, no pickle weights unless allowed, no credential in any
+file of the run directory, and nothing written outside the output directory."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+
+TOKENS = {"HF_TOKEN": "hf_PlantedTokenDoNotLeak0123456789",
+          "HUGGING_FACE_HUB_TOKEN": "hf_OtherPlantedToken9876543210",
+          "WANDB_API_KEY": "wandbPlantedKey0123456789abcdef0123456789"}
+
+
+def _argv(model, data, out, **kw) -> list[str]:
+    argv = ["train"]
+    for k, v in tiny_overrides(model, data, out, **kw).items():
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_trust_remote_code_is_off_unless_set(tiny_falcon_7b_arch, tmp_path):
+    """A model folder that ships its own modeling code (auto_map) gets the native Falcon class by default; the
+    shipped code runs only with trust_remote_code=true."""
+    from falcon_qlora.config import RunConfig, load_config, make_config
+    from falcon_qlora.model import load_base_model
+    assert RunConfig.__dataclass_fields__["trust_remote_code"].default is False
+    assert load_config("reference").trust_remote_code is False
+    folder = _copy_model(tiny_falcon_7b_arch, tmp_path / "shipped-code")
+    marker = tmp_path / "remote-code-ran"
+    (folder / "evil_modeling.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import FalconForCausalLM as EvilFalcon\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilFalcon"}
+    (folder / "config.json").write_text(json.dumps(config))
+    over = tiny_overrides(folder, folder, tmp_path / "out")
+    load_base_model(make_config(**over))
+    assert not marker.exists()
+    load_base_model(make_config(**over, trust_remote_code=True))
+    assert marker.read_text() == "ran"  # the switch is really wired through
+
+
+@pytest.fixture(scope="module")
+def pickle_model(tiny_falcon_7b_arch, tmp_path_factory) -> Path:
+    """The tiny Falcon with its weights as pytorch_model.bin (a pickle) instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+    folder = _copy_model(tiny_falcon_7b_arch, tmp_path_factory.mktemp("pk") / "falcon-bin")
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickle_weights_are_refused(pickle_model, tiny_data, tmp_path, capsys):
+    from falcon_qlora.cli import main
+    code = main(_argv(pickle_model, tiny_data, tmp_path / "run"))
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert f"{pickle_model} has no .safetensors weights" in line and "allow_pickle=true" in line
+
+
+def test_pickle_weights_load_when_allowed(pickle_model, tmp_path):
+    from falcon_qlora.config import make_config
+    from falcon_qlora.model import count_linear4bit, load_base_model
+    model = load_base_model(make_config(**tiny_overrides(pickle_model, pickle_model, tmp_path, allow_pickle=True)))
+    assert count_linear4bit(model) == 8  # 4 linears x 2 layers, really in 4-bit
+
+
+def test_planted_tokens_never_reach_the_run_dir(tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch, capsys):
+    """Tokens in the environment -- and even a token handed to the trainer's arguments, as a hub upload would --
+    appear in no file of the run directory (configs, logs, checkpoints, training_args.bin) and not in the output."""
+    import falcon_qlora.train as T
+    from falcon_qlora.cli import main
+    from falcon_qlora.safety import files_with_secrets, secret_values
+    for k, v in TOKENS.items():
+        monkeypatch.setenv(k, v)
+    assert set(TOKENS.values()) <= set(secret_values())
+    real = T.sft_config
+
+    def with_token(*a, **k):
+        args = real(*a, **k)
+        args.hub_token = TOKENS["HF_TOKEN"]
+        return args
+    monkeypatch.setattr(T, "sft_config", with_token)
+    out = tmp_path / "run"
+    assert main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2, save_steps=1)) == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files) and len(files) > 20
+    assert files_with_secrets(out, list(TOKENS.values())) == []
+    printed = "".join(capsys.readouterr())
+    assert not any(v in printed for v in TOKENS.values())
+
+
+def test_planted_token_scan_finds_a_leak(tmp_path):
+    """The scanner used above does find a token written as text or inside a pickle."""
+    import torch
+    from falcon_qlora.safety import files_with_secrets
+    (tmp_path / "ok.txt").write_text("nothing here")
+    torch.save({"hub_token": TOKENS["HF_TOKEN"]}, tmp_path / "training_args.bin")
+    assert files_with_secrets(tmp_path, [TOKENS["HF_TOKEN"]]) == [tmp_path / "training_args.bin"]
+
+
+@pytest.mark.parametrize("name", ["final", "checkpoint-2"])
+def test_output_paths_cannot_escape_the_output_dir(name, tiny_falcon_7b_arch, tiny_data, tmp_path, capsys):
+    """A `final` or `checkpoint-N` entry that links outside the output dir is refused before anything is written
+    through it."""
+    from falcon_qlora.cli import main
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to(elsewhere, target_is_directory=True)
+    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, overwrite=True))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{out / name} resolves to {elsewhere}, outside the output directory" in line, line
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
+
+
+def test_inside_rejects_dotdot_and_accepts_children(tmp_path):
+    from falcon_qlora.errors import UserError
+    from falcon_qlora.guards import inside
+    assert inside(tmp_path, "final") == tmp_path / "final"
+    assert inside(tmp_path, "a/../b") == tmp_path / "a/../b"
+    for bad in ("../x", "final/../../x", "/etc/passwd"):
+        with pytest.raises(UserError, match="outside the output directory"):
+            inside(tmp_path, bad)
