@@ -47,3 +47,14 @@ def tiny_overrides(model: Path, data: Path, out: Path, **kw) -> dict:
                 compute_dtype="fp32", disable_tqdm=True, seed=0)
     base.update(kw)
     return base
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_falcon_7b_arch, tiny_data, tmp_path_factory) -> Path:
+    """<run>/final of a short real training run on the 7B-style tiny Falcon (adapter, tokenizer, run config,
+    metrics.jsonl beside it), shared by the chat/eval/merge/publish tests."""
+    from falcon_qlora.config import make_config
+    from falcon_qlora.train import train
+    out = tmp_path_factory.mktemp("adapter-run")
+    return train(make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out, max_steps=8,
+                                              save_steps=100))).final_dir

@@ -1,0 +1,167 @@
+"""Chat with a trained adapter, in the Guanaco format it was trained on.
+
+    falcon-qlora chat --adapter results/final                     # multi-turn REPL (/reset, /exit)
+    falcon-qlora chat --adapter results/final --prompt "Hi!"      # one shot
+    falcon-qlora chat --adapter results/final --sample --temperature 0.7 --top-p 0.9
+    from falcon_qlora.chat import generate; generate(model, tok, ["### Human: Hi ### Assistant:"])
+
+The base model is the one named in the adapter's run_config.yaml (or adapter_config.json) unless --base is given;
+it loads in 4-bit like in training (--bf16: unquantized bf16). Greedy decoding unless --sample. Generation stops
+at EOS or where the model starts the next "### Human:" turn, which is cut from the answer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+
+
+def build_prompt(history: list[tuple[str, str]], message: str) -> str:
+    """Earlier (question, answer) turns, then the new question and an open assistant turn."""
+    turns = [f"{HUMAN} {q} {ASSISTANT} {a}" for q, a in history]
+    return " ".join(turns + [f"{HUMAN} {message} {ASSISTANT}"])
+
+
+def cut_at_stop(text: str) -> str:
+    return text.split(HUMAN, 1)[0].strip()
+
+
+class _StopAwareStreamer:
+    """Prints tokens as they come, holding back any tail that could be the start of the next "### Human:"."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tok, self.out = tokenizer, out or sys.stdout
+        self.ids, self.shown, self.skip_prompt, self.stopped = [], 0, True, False
+
+    def put(self, value):
+        if self.skip_prompt:  # generate() first hands over the prompt
+            self.skip_prompt = False
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+        end = text.find(HUMAN)
+        if end < 0:
+            end = len(text)
+            for k in range(min(len(HUMAN), len(text)), 0, -1):  # a partial "### Hu" stays unprinted for now
+                if HUMAN.startswith(text[-k:]):
+                    end = len(text) - k
+                    break
+        end = len(text[:end].rstrip())  # spaces before a possible stop string wait too
+        if end > self.shown and not self.stopped:
+            self.out.write(text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+        self.stopped = self.stopped or HUMAN in text
+
+    def end(self):
+        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+        final = len(text.split(HUMAN, 1)[0].rstrip())
+        if final > self.shown and not self.stopped:
+            self.out.write(text[self.shown:final])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do_sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
+             stream: bool = False, **generate_kwargs) -> list[str]:
+    """Answers for a batch of prompts (padded on the left, so every row's next token follows its own prompt).
+    Stops at EOS or at the next "### Human:"; returns only the new text. stream=True prints one prompt's answer
+    as it is generated. generate_kwargs go to model.generate as they are."""
+    import torch
+    if stream and len(prompts) != 1:
+        raise ValueError("stream=True works with one prompt at a time")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(p.device for p in model.parameters())
+    enc = {k: v.to(device) for k, v in enc.items()}
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+    streamer = _StopAwareStreamer(tokenizer) if stream else None
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, stop_strings=[HUMAN], tokenizer=tokenizer,
+                             streamer=streamer, use_cache=True, **sampling, **generate_kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [cut_at_stop(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = False):
+    """(model, tokenizer) for chatting: base + adapter, or the base alone when no adapter is given."""
+    from .config import load_config
+    from .model import load_adapter_model, load_base_model, load_tokenizer
+    if adapter is None:
+        if base is None:
+            raise UserError("give --adapter DIR (a folder written by `falcon-qlora train`) or --base MODEL")
+        cfg = load_config(None, model_name_or_path=base, **({"compute_dtype": "bf16"} if bf16 else {}))
+        model = load_base_model(cfg, load_in_4bit=not bf16)
+        tok = load_tokenizer(base, cfg)
+    else:
+        from pathlib import Path
+        saved = Path(adapter) / "run_config.yaml"
+        cfg = load_config(saved if saved.is_file() else None, **({"compute_dtype": "bf16"} if bf16 else {}))
+        model, tok, _ = load_adapter_model(adapter, base=base, load_in_4bit=not bf16, cfg=cfg)
+    model.eval()
+    model.config.use_cache = True
+    return model, tok
+
+
+def repl(model, tok, gen_kwargs: dict, inp=input, max_context: int | None = None) -> None:
+    """Multi-turn chat on the terminal. /reset forgets the conversation, /exit (or Ctrl-D) leaves."""
+    history: list[tuple[str, str]] = []
+    limit = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+    print("falcon-qlora chat: type a message; /reset forgets the conversation, /exit leaves.")
+    while True:
+        try:
+            msg = inp(f"{HUMAN} ").strip()
+        except EOFError:
+            print()
+            return
+        if msg in ("/exit", "/quit"):
+            return
+        if msg == "/reset":
+            history.clear()
+            continue
+        if not msg:
+            continue
+        while history and len(tok(build_prompt(history, msg))["input_ids"]) + gen_kwargs["max_new_tokens"] > limit:
+            history.pop(0)  # forget the oldest turn rather than overflow the model's context
+        print(f"{ASSISTANT} ", end="", flush=True)
+        [answer] = generate(model, tok, [build_prompt(history, msg)], stream=True, **gen_kwargs)
+        history.append((msg, answer))
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="falcon-qlora chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", help="adapter folder written by `falcon-qlora train` (e.g. results/final)")
+    p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--prompt", help="answer this one message and exit (no REPL)")
+    p.add_argument("--bf16", action="store_true", help="load the base unquantized in bf16 instead of 4-bit")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    a = p.parse_args(argv)
+    if a.sample and a.temperature <= 0:
+        raise UserError(f"--temperature {a.temperature} must be > 0 with --sample (or drop --sample for greedy)")
+    import torch
+    torch.manual_seed(a.seed)
+    model, tok = load_chat_model(a.adapter, a.base, a.bf16)
+    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature, top_p=a.top_p,
+              top_k=a.top_k, repetition_penalty=a.repetition_penalty)
+    if a.prompt is not None:
+        print(f"{ASSISTANT} ", end="", flush=True)
+        generate(model, tok, [build_prompt([], a.prompt)], stream=True, **kw)
+        return 0
+    repl(model, tok, kw)
+    return 0
