@@ -11,9 +11,6 @@ from .errors import UserError
 
 # Files falcon-qlora writes directly in output_dir (checkpoint-N folders are checked by prefix).
 OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "loss.png", "README.md")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json")
-DEFAULT_TOKENIZER_BYTES = 5_000_000  # a hub tokenizer we cannot measure before download (Falcon's is 2.7 MB)
 
 
 class NonFiniteError(UserError):
@@ -50,39 +47,24 @@ def check_finite(what: str, value, trainer, cfg=None) -> None:
                          f"Likely fix: {fix};{resume or ' then rerun'}")
 
 
-def checkpoint_bytes(trainable_params: int, tokenizer_bytes: int) -> int:
-    """One checkpoint: fp32 adapter (4 B) + AdamW's two fp32 moments (8 B) per trainable parameter, the tokenizer,
-    and ~1 MB of scheduler/RNG/trainer state."""
-    return 12 * trainable_params + tokenizer_bytes + 1_000_000
-
-
-def tokenizer_bytes(model_path: str) -> int:
-    folder = Path(model_path)
-    if not folder.is_dir():
-        return DEFAULT_TOKENIZER_BYTES
-    return sum((folder / f).stat().st_size for f in TOKENIZER_FILES if (folder / f).is_file())
-
-
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_disk(cfg, model, model_path: str) -> int:
-    """Refuse to start when the checkpoints kept under save_total_limit (+1 being written, + the final adapter)
-    do not fit in the free space of output_dir. Returns the bytes needed."""
+def check_disk(cfg, model) -> int:
+    """Refuse to start when the checkpoints kept under save_total_limit (+1 while the next is written, + the final
+    adapter; sizes from estimate.disk_estimate) do not fit in the free space of output_dir. Returns bytes needed."""
     from .checkpoints import complete_checkpoints
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    one = checkpoint_bytes(trainable, tokenizer_bytes(model_path))
-    saves = cfg.max_steps // cfg.save_steps
-    kept = saves if cfg.save_total_limit is None else min(cfg.save_total_limit, saves)
-    have = len(complete_checkpoints(Path(cfg.output_dir)))  # already on disk (resume): no new space needed
-    need = max(0, kept + 1 - have) * one + 4 * trainable + tokenizer_bytes(model_path)
+    from .estimate import disk_estimate
+    est = disk_estimate(cfg, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    have = len(complete_checkpoints(Path(cfg.output_dir)))  # already on disk when resuming
+    need = max(0, est["disk_peak_bytes"] - have * est["checkpoint_bytes"])
     free = shutil.disk_usage(cfg.output_dir).free
     if need > free:
         raise UserError(f"output_dir {cfg.output_dir} has {_gb(free)} free but the run needs about {_gb(need)} "
-                        f"({kept} checkpoints of {_gb(one)} kept by save_total_limit={cfg.save_total_limit}, one "
-                        "more while saving, the final adapter): free disk, lower save_total_limit, or choose "
-                        "another --output_dir")
+                        f"({est['checkpoints_kept']} checkpoints of {_gb(est['checkpoint_bytes'])} kept by "
+                        f"save_total_limit={cfg.save_total_limit}, one more while saving, the final adapter): free "
+                        "disk, lower save_total_limit, or choose another --output_dir")
     return need
 
 

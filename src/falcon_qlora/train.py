@@ -182,7 +182,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         save_run_config(cfg, out)
         print(f"{trainable_summary(model)}; {plan.describe()}; up to {plan.effective * cfg.max_length:,} tokens "
               "per step")
-    check_disk(cfg, model, cfg.model_name_or_path)
+    check_disk(cfg, model)  # the checkpoints kept under save_total_limit must fit on the disk
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, print how to resume
     trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[stop.callback])
     dist.record_rows(trainer)
