@@ -160,6 +160,15 @@ def resume_command(cfg) -> str:
     return shlex.join(parts)
 
 
+def _any_rank(signum: int | None, device) -> int | None:
+    """The signal any process received (one small all-reduce per optimizer step, only with several processes)."""
+    import torch
+    import torch.distributed as dist
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
 class StopOnSignal:
     """SIGINT/SIGTERM -> finish the step, save, stop. Use as a context manager around trainer.train(); `callback`
     is the TrainerCallback to register."""
@@ -173,6 +182,8 @@ class StopOnSignal:
 
         class SaveAndStop(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                if args.world_size > 1:  # ranks see the signal at different steps: agree on one, or they hang
+                    owner.signum = _any_rank(owner.signum, args.device)
                 if owner.signum is not None:
                     control.should_save = True
                     control.should_training_stop = True
@@ -181,9 +192,11 @@ class StopOnSignal:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # asked twice: stop now; the checkpoints on disk are complete anyway
-            self.__exit__(None, None, None)
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if signum == self.signum == signal.SIGINT:  # Ctrl-C twice: stop now (saved checkpoints are complete)
+                self.__exit__(None, None, None)
+                raise KeyboardInterrupt
+            return  # e.g. torchrun's SIGTERM after the terminal's SIGINT: already stopping
         self.signum = signum
         os.write(2, f"\nfalcon-qlora: got {signal.Signals(signum).name}: finishing this step and saving a "
                     "checkpoint (press Ctrl-C again to stop at once)\n".encode())
@@ -217,6 +230,7 @@ class StopOnSignal:
             return
         found = complete_checkpoints(Path(cfg.output_dir))
         where = found[-1] if found else "no checkpoint"
-        print(f"falcon-qlora: stopped by {signal.Signals(self.signum).name} at step {trainer.state.global_step}; "
-              f"saved {where}. Resume with: {resume_command(cfg)}", file=sys.stderr, flush=True)
+        if trainer.args.process_index == 0:
+            print(f"falcon-qlora: stopped by {signal.Signals(self.signum).name} at step {trainer.state.global_step}; "
+                  f"saved {where}. Resume with: {resume_command(cfg)}", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
