@@ -107,10 +107,14 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
     from trl import SFTTrainer
     from .model import resolve_compute_dtype
     from .safety import safe_trainer_class
+    from .profiles import apply_profile
     args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg))
+    # speed/memory profile: micro-batch split, checkpointing, padding-free rows, fused paths (profiles.py)
+    model, args, profile_kwargs = apply_profile(cfg, model, args, tokenizer)
     # SFTTrainer + atomic checkpoints, a stop on NaN/inf, no tokens in training_args.bin (safety.py)
     trainer = safe_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                             processing_class=tokenizer, callbacks=list(callbacks))
+                                             processing_class=tokenizer, callbacks=list(callbacks),
+                                             **profile_kwargs)
     # TRL casts the LoRA weights of a quantized model to bf16. Keep them in fp32 instead: they are the master
     # weights (an lr of 2e-4 update is below bf16's resolution for most entries), and on a CPU fp32 is ~9x faster.
     for p in trainer.model.parameters():

@@ -1,0 +1,504 @@
+"""Throughput and memory of the reference recipe and of each profile, on one GPU, in one run.
+
+Builds a random-init Falcon-7B (same shapes and FLOPs as the real one; the hub is not needed), loads it once in 4-bit
+through falcon_qlora.model, and runs every variant on the same rows through the package's own path
+(attach_lora -> train.sft_config -> profiles.apply_profile -> TRL SFTTrainer, LoRA master weights in fp32):
+
+    python bench/speed.py --out results/                 # GPU: the full benchmark (~6 min on an H200)
+    python bench/speed.py --out /tmp/b --tiny            # CPU: the same flow on the tiny test Falcon (smoke test)
+
+Writes results.json (every figure below, per variant) and prints a table: real (non-padding) tokens/s, peak
+allocated/reserved memory, MFU against the bf16 matmul peak measured in the same run, first losses; plus the LoRA
+gradient agreement of each profile with the reference path on one batch (dropout off) and the top GPU kernels of one
+optimizer step of the reference and of the speed profile (torch profiler).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+VOCAB = 65024
+T0 = time.time()
+RESULTS: dict = {"variants": {}}
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def build_falcon7b(path: Path) -> None:
+    """Random bf16 Falcon-7B and a word-level tokenizer (w0 .. w65015 plus the chat markers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+    words = {f"w{i}": i for i in range(VOCAB - 8)}
+    for j, sp in enumerate(["<|endoftext|>", "###", "Human:", "Assistant:", "[UNK]"]):
+        words[sp] = VOCAB - 8 + j
+    tk = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(path)
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+                       multi_query=True, parallel_attn=True, bias=False, alibi=False,
+                       new_decoder_architecture=False, bos_token_id=VOCAB - 8, eos_token_id=VOCAB - 8)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        m = FalconForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    m.save_pretrained(path, safe_serialization=True)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def build_tiny(path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import build_falcon
+    build_falcon(path, new_decoder_architecture=False)
+
+
+# ------------------------------------------------------------------------------------------------ the data
+def full_rows(n: int, seed: int = 0, words: int = VOCAB - 8) -> list[dict]:
+    """Rows longer than 512 tokens (truncated to max_length): the reference baseline's data."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        h = " ".join(f"w{r.randrange(words)}" for _ in range(r.randrange(40, 200)))
+        a = " ".join(f"w{r.randrange(words)}" for _ in range(r.randrange(400, 900)))
+        out.append({"text": f"### Human: {h} ### Assistant: {a}"})
+    return out
+
+
+def chat_rows(n: int, seed: int = 1, words: int = VOCAB - 8, median: int = 300, sigma: float = 0.79) -> list[dict]:
+    """Long-tailed chat lengths: log-normal tokens per row, median ~300, P(>512) ~ 0.25 (sigma = ln(512/300)/0.674)."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        total = max(12, int(r.lognormvariate(math.log(median), sigma)))
+        nh = max(2, int(total * r.uniform(0.1, 0.4)))
+        na = max(2, total - nh - 5)  # 4 marker tokens + EOS
+        h = " ".join(f"w{r.randrange(words)}" for _ in range(nh))
+        a = " ".join(f"w{r.randrange(words)}" for _ in range(na))
+        out.append({"text": f"### Human: {h} ### Assistant: {a}"})
+    return out
+
+
+def row_lengths(rows, tok, max_length):
+    return [min(len(tok(x["text"])["input_ids"]) + 1, max_length) for x in rows]
+
+
+# ------------------------------------------------------------------------------------------------ ceilings
+def bench_fn(fn, n=20, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / n / 1e3
+
+
+def ceilings() -> dict:
+    out = {}
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out["matmul_bf16_8192_TFLOPs"] = round(2 * 8192**3 / bench_fn(lambda: x @ w) / 1e12, 1)
+    x = torch.randn(8192, 4544, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4544, 18176, device="cuda", dtype=torch.bfloat16)
+    out["matmul_bf16_falcon_8192x4544x18176_TFLOPs"] = round(2 * 8192 * 4544 * 18176 / bench_fn(lambda: x @ w) / 1e12, 1)
+    try:
+        import bitsandbytes.functional as F
+        W = torch.randn(18176, 4544, device="cuda", dtype=torch.bfloat16)
+        q, st = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+        out["dequant_nf4_18176x4544_us"] = round(bench_fn(lambda: F.dequantize_4bit(q, st)) * 1e6, 1)
+    except Exception as err:  # noqa: BLE001
+        out["dequant_error"] = repr(err)[:200]
+    # attention of one 16-row micro-batch of 512 tokens: the stock path (materialised mask, MQA) vs fused kernels
+    import torch.nn.functional as Fn
+    q = torch.randn(16, 71, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(16, 1, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(16, 1, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(512, 512, device="cuda", dtype=torch.bool).tril()[None, None].expand(16, 1, 512, 512)
+    cases = {
+        "stock_mask": lambda: Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "expand_causal": lambda: Fn.scaled_dot_product_attention(q, k.expand(-1, 71, -1, -1),
+                                                                  v.expand(-1, 71, -1, -1), is_causal=True),
+        "repeat_causal": lambda: Fn.scaled_dot_product_attention(q, k.repeat(1, 71, 1, 1), v.repeat(1, 71, 1, 1),
+                                                                  is_causal=True),
+    }
+    for name, f in cases.items():
+        try:
+            g = torch.randn(16, 71, 512, 64, device="cuda", dtype=torch.bfloat16)
+            out[f"attn_{name}_fwd_bwd_ms"] = round(bench_fn(lambda: f().backward(g), n=10) * 1e3, 2)
+        except Exception as err:  # noqa: BLE001
+            out[f"attn_{name}_error"] = repr(err)[:200]
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            cases["expand_causal"]()
+        out["flash_accepts_expanded_kv"] = True
+    except Exception as err:  # noqa: BLE001
+        out["flash_accepts_expanded_kv"] = repr(err)[:200]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def flops_per_token(model, lengths, lora_r) -> float:
+    """Forward + input-gradient backward of every matmul weight (2 + 2 FLOP each), LoRA (fwd, input and weight
+    grads), causal attention (fwd + 2x bwd) at the rows' real lengths. Recompute is not counted (model FLOPs)."""
+    import bitsandbytes as bnb
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    p_mm, lora = 0, 0
+    for m in base.modules():
+        if isinstance(m, bnb.nn.Linear4bit) or (isinstance(m, torch.nn.Linear) and m.out_features >= 1000):
+            p_mm += m.in_features * m.out_features
+            if isinstance(m, bnb.nn.Linear4bit):
+                lora += lora_r * (m.in_features + m.out_features)
+    cfg = base.config
+    n2 = sum(n * n for n in lengths) / sum(lengths)  # E[n^2]/E[n]: attention FLOPs per token grow with row length
+    attn = cfg.num_hidden_layers * 3 * 2 * cfg.hidden_size * n2  # 2*d*n^2/... causal half, x3 for fwd+bwd
+    return 4 * p_mm + 6 * lora + attn
+
+
+# ------------------------------------------------------------------------------------------------ one variant
+def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, st, control, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            state["stamps"].append((time.time(), state["trainer"]._total_train_tokens))
+
+    class Prof(TrainerCallback):
+        p = None
+
+        def on_step_begin(self, args, st, control, **k):
+            if st.global_step == prof_step:
+                torch.cuda.synchronize()
+                from torch.profiler import ProfilerActivity, profile
+                Prof.p = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                Prof.p.__enter__()
+                Prof.t = time.time()
+
+        def on_step_end(self, args, st, control, **k):
+            if Prof.p is not None:
+                torch.cuda.synchronize()
+                Prof.p.__exit__(None, None, None)
+                ka = Prof.p.key_averages()
+                wall = time.time() - Prof.t
+                from torch.autograd import DeviceType
+                kern = [e for e in ka if e.device_type == DeviceType.CUDA]
+                tot = sum(e.self_device_time_total for e in kern)
+                top = sorted(kern, key=lambda e: -e.self_device_time_total)[:30]
+                state["profile"] = {"kernel_ms_per_step": round(tot / 1e3, 1), "wall_ms": round(wall * 1e3, 1),
+                                    "top_kernels": [
+                    [round(e.self_device_time_total / 1e3, 2), round(100 * e.self_device_time_total / tot, 1),
+                     e.count, e.key[:120]] for e in top]}
+                Prof.p = None
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, st, control, **k):
+            if "grads" not in state:
+                state["grads"] = {n: p.grad.detach().float().flatten().cpu()
+                                  for n, p in k["model"].named_parameters() if p.requires_grad and p.grad is not None}
+
+    cbs = [Clock()]
+    if prof_step is not None and torch.cuda.is_available():
+        cbs.append(Prof())
+    if grab_grads:
+        cbs.append(Grads())
+    return cbs
+
+
+def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps=8, warm=3, prof_step=None,
+                grab_grads=False, randomize_b=False, flops_lengths=None, peak_tflops=None, **over):
+    """One training run through the package's path on the shared 4-bit base; the base is restored afterwards."""
+    from datasets import Dataset
+    from transformers.trainer_utils import set_seed
+    from trl import SFTTrainer
+    from falcon_qlora import profiles as P
+    from falcon_qlora.config import load_config
+    from falcon_qlora.model import attach_lora, resolve_compute_dtype
+    from falcon_qlora.train import sft_config
+    cfg = load_config(None, **{**BASE_OVER, "max_steps": steps, "profile": profile, **over})
+    set_seed(cfg.seed)
+    model = attach_lora(base, cfg)
+    if randomize_b:  # LoRA B starts at zero, which makes every lora_A gradient zero: give it values to compare
+        g = torch.Generator().manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.copy_((torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype))
+    args = sft_config(cfg, tok, resolve_compute_dtype(cfg))
+    kw = {} if parts is None else {"parts": parts}
+    model, args, extra = P.apply_profile(cfg, model, args, tok, profile, **kw)
+    state = {"stamps": []}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=callbacks(state, prof_step, grab_grads), **extra)
+    for p in trainer.model.parameters():  # as falcon_qlora.train.build_trainer: fp32 LoRA master weights
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    state["trainer"] = trainer
+    cuda = torch.cuda.is_available()
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        state["allocated_before_train_GiB"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    t = time.time()
+    err = None
+    try:
+        trainer.train()
+    except torch.cuda.OutOfMemoryError as e:  # a variant that does not fit is a result, not a crash
+        err = "OOM: " + str(e)[:160]
+    except Exception as e:  # noqa: BLE001 - record it; the shared base must still be restored below
+        import traceback
+        traceback.print_exc()
+        err = repr(e)[:300]
+    res = {"profile": profile, "parts": list(parts) if parts is not None else None,
+           "micro_batch": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
+           "checkpointing": args.gradient_checkpointing, "packing": cfg.packing,
+           "padding_free": "data_collator" in extra or cfg.packing, "steps": steps, "train_s": round(time.time() - t, 1)}
+    if err:
+        res["error"] = err
+    s = state["stamps"]
+    if warm >= 1 and len(s) > warm:
+        dt = s[-1][0] - s[warm - 1][0]
+        res["tokens_per_s"] = round((s[-1][1] - s[warm - 1][1]) / dt)
+        res["s_per_step"] = round(dt / (len(s) - warm), 3)
+        res["tokens_per_step"] = round((s[-1][1] - s[warm - 1][1]) / (len(s) - warm))
+        if flops_lengths and peak_tflops:
+            f = flops_per_token(model, flops_lengths, cfg.lora_r)
+            res["gflop_per_token"] = round(f / 1e9, 2)
+            res["mfu_pct"] = round(100 * res["tokens_per_s"] * f / (peak_tflops * 1e12), 1)
+    if cuda:
+        res["allocated_before_train_GiB"] = state["allocated_before_train_GiB"]
+        res["peak_alloc_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        res["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    res["losses"] = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+    if "profile" in state:
+        res["torch_profile"] = state["profile"]
+    grads = state.get("grads")
+    restore(trainer, model)
+    del trainer, model, state
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    log(name, json.dumps({k: v for k, v in res.items() if k != "torch_profile"}))
+    return res, grads
+
+
+def restore(trainer, model):
+    """Give the shared base back its original state: no LoRA, no profile patches, no TRL fused LM head, no
+    checkpointing hooks."""
+    from falcon_qlora import profiles as P
+    trainer.model_wrapped = trainer.model = None
+    trainer.optimizer = trainer.lr_scheduler = None
+    base = model.unload()
+    P.remove_profile(base)
+    base.__dict__.pop("forward", None)
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    try:
+        base.disable_input_require_grads()
+    except AttributeError:
+        pass
+
+
+def rel_err(g, ref, keys=None):
+    keys = keys or [k for k in ref if k in g]
+    a = torch.cat([g[k] for k in keys])
+    b = torch.cat([ref[k] for k in keys])
+    per = max(((g[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)).item() for k in keys)
+    return {"rel_err": round(((a - b).norm() / b.norm()).item(), 5), "max_tensor_rel_err": round(per, 5),
+            "tensors": len(keys)}
+
+
+BASE_OVER: dict = {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny test Falcon")
+    ap.add_argument("--model-dir", default="/tmp/falcon7b-random")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--budget-s", type=float, default=540, help="skip the remaining variants after this long")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = a.tiny
+    import transformers
+    import trl
+    import peft
+    RESULTS["env"] = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                      "trl": trl.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "command": " ".join(sys.argv)}
+    try:
+        import bitsandbytes
+        RESULTS["env"]["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        RESULTS["env"]["gpu"] = torch.cuda.get_device_name()
+        try:
+            RESULTS["ceilings"] = ceilings()
+        except Exception as err:  # noqa: BLE001
+            RESULTS["ceilings"] = {"error": repr(err)[:300]}
+        torch.cuda.empty_cache()
+        log("ceilings", RESULTS["ceilings"])
+    peak = (RESULTS.get("ceilings") or {}).get("matmul_bf16_8192_TFLOPs")
+
+    model_dir = Path(a.model_dir)
+    if not (model_dir / "config.json").is_file():
+        (build_tiny if tiny else build_falcon7b)(model_dir)
+        log("built", model_dir)
+    from falcon_qlora.config import load_config
+    from falcon_qlora.model import count_linear4bit, load_base_model, load_tokenizer
+    BASE_OVER.update(model_name_or_path=str(model_dir), output_dir="/tmp/bench-run", save_steps=100000,
+                     logging_steps=1, eval_split=None, disable_tqdm=True, save_total_limit=None, seed=42)
+    if tiny:
+        BASE_OVER.update(max_length=64, per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_r=8)
+    cfg0 = load_config(None, **BASE_OVER)
+    t = time.time()
+    tok = load_tokenizer(str(model_dir), cfg0)
+    base = load_base_model(cfg0)
+    RESULTS["load"] = {"load_s": round(time.time() - t, 1), "linear4bit": count_linear4bit(base)}
+    log("loaded", RESULTS["load"])
+
+    words = 300 if tiny else VOCAB - 8
+    if tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import guanaco_rows
+        full = guanaco_rows(16 * 24, seed=0)
+        chat = guanaco_rows(16 * 12, seed=1)
+    else:
+        full = full_rows(16 * 22, words=words)
+        chat = chat_rows(16 * 12, words=words)
+    L = cfg0.max_length
+    full_len = row_lengths(full[:64], tok, L)
+    chat_len = row_lengths(chat, tok, L)
+    RESULTS["data"] = {"full_mean_tokens": sum(full_len) / len(full_len),
+                       "chat_median_tokens": sorted(row_lengths(chat, tok, 10**6))[len(chat) // 2],
+                       "chat_share_over_max_length": sum(n > L for n in row_lengths(chat, tok, 10**6)) / len(chat),
+                       "chat_mean_tokens_after_truncation": sum(chat_len) / len(chat_len)}
+    log("data", RESULTS["data"])
+
+    def save():
+        (out / "results.json").write_text(json.dumps(RESULTS, indent=1))
+
+    only = set(filter(None, a.only.split(",")))
+    steps_long = 4 if tiny else 20
+    steps = 4 if tiny else 8
+    warm = 1 if tiny else 3
+    prof = None if tiny else 1
+    from falcon_qlora import profiles as P
+    mem_mb8 = dict(profile="memory", per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                   parts=P.PROFILE_PARTS["memory"] + ("bf16_residual",))
+    V = [  # name, rows, kwargs; the ablations last (skipped first if time runs short)
+        ("reference", full, dict(profile="reference", steps=steps_long)),
+        ("speed", full, dict(profile="speed", steps=steps_long, prof_step=prof)),
+        ("memory", full, dict(profile="memory", steps=steps)),
+        ("memory_mb8", full, dict(steps=steps, **mem_mb8)),
+        ("chat_reference", chat, dict(profile="reference", steps=steps)),
+        ("chat_speed", chat, dict(profile="speed", steps=steps)),
+        ("chat_speed_packing", chat, dict(profile="speed", steps=steps, packing=True)),
+        ("chat_memory", chat, dict(profile="memory", steps=steps)),
+        ("speed_lora_unfused", full, dict(profile="speed", steps=steps,
+                                          parts=tuple(x for x in P.PARTS if x != "lora"))),
+        ("speed_paged_adam", full, dict(profile="speed", steps=steps,
+                                        parts=tuple(x for x in P.PARTS if x != "optim"))),
+    ]
+    G = [("reference", dict(profile="reference")), ("speed", dict(profile="speed")),
+         ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
+         ("split_only", dict(profile="speed", parts=("split",)))]
+    grads = {}
+    for prof_name, gkw in G:
+        key = f"grads_{prof_name}"
+        if only and key not in only:
+            continue
+        try:
+            _, g = run_variant(key, base, tok, full[:16], steps=1, warm=0, grab_grads=True,
+                               randomize_b=True, lora_dropout=0.0, max_grad_norm=0.0, **gkw)
+            grads[prof_name] = g
+        except Exception as err:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            RESULTS[key + "_error"] = repr(err)[:300]
+    if "reference" in grads:
+        RESULTS["grad_check"] = {}
+        for k, g in grads.items():
+            if k != "reference" and g is not None:
+                RESULTS["grad_check"][k] = {
+                    "all": rel_err(g, grads["reference"]),
+                    "lora_A": rel_err(g, grads["reference"], [n for n in grads["reference"] if "lora_A" in n]),
+                    "lora_B": rel_err(g, grads["reference"], [n for n in grads["reference"] if "lora_B" in n])}
+        log("grad_check", json.dumps(RESULTS["grad_check"]))
+    del grads
+    save()
+    for name, rows, kw in V:
+        if only and name not in only:
+            continue
+        if time.time() - T0 > a.budget_s:
+            RESULTS["variants"][name] = {"skipped": "time budget"}
+            continue
+        lengths = chat_len if rows is chat else full_len
+        try:
+            res, _ = run_variant(name, base, tok, rows, warm=warm, flops_lengths=lengths, peak_tflops=peak, **kw)
+        except Exception as err:  # noqa: BLE001 - record and go on: one broken variant must not cost the run
+            import traceback
+            traceback.print_exc()
+            res = {"error": repr(err)[:300]}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        RESULTS["variants"][name] = res
+        save()
+    v = RESULTS["variants"]
+    if "losses" in v.get("reference", {}) and "losses" in v.get("speed", {}):
+        a_, b_ = v["reference"]["losses"], v["speed"]["losses"]
+        RESULTS["loss_check"] = {"steps": min(len(a_), len(b_)),
+                                 "max_rel_diff": round(max(abs(x - y) / abs(x) for x, y in zip(a_, b_)), 5)}
+    save()
+    print_table()
+
+
+def print_table() -> None:
+    ref = RESULTS["variants"].get("reference", {}).get("tokens_per_s")
+    cref = RESULTS["variants"].get("chat_reference", {}).get("tokens_per_s")
+    print("| variant | mb x acc | ckpt | tokens/s | vs ref | MFU % | peak alloc GiB | peak reserved GiB | first losses |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in RESULTS["variants"].items():
+        if "tokens_per_s" not in r:
+            print(f"| {name} | {r.get('error') or r.get('skipped')} |")
+            continue
+        base = cref if name.startswith("chat") else ref
+        x = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {name} | {r['micro_batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} | "
+              f"{r['tokens_per_s']:,} | {x} | {r.get('mfu_pct', '-')} | {r.get('peak_alloc_GiB', '-')} | "
+              f"{r.get('peak_reserved_GiB', '-')} | {r['losses'][:3]} |")
+    for k in ("grad_check", "loss_check"):
+        if k in RESULTS:
+            print(k, json.dumps(RESULTS[k]))
+
+
+if __name__ == "__main__":
+    main()

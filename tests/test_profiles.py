@@ -1,0 +1,138 @@
+"""Speed/memory profiles compute the same training as the reference path: same logits for packed rows, same LoRA
+gradients for every code path a profile changes (tiny 4-bit Falcon, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from falcon_qlora import profiles as P
+from falcon_qlora.config import load_config
+
+ALL = ("split", "padding_free", "attention", "norms", "lora")
+
+
+def _rows(n_rows=4, seed=0, lengths=(9, 14, 5, 11)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 300, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n_rows)]
+
+
+def _model(falcon_dir, tmp_path, compute_dtype="fp32"):
+    from falcon_qlora.model import attach_lora, load_base_model
+    cfg = load_config(None, **tiny_overrides(falcon_dir, tmp_path, tmp_path, compute_dtype=compute_dtype,
+                                             per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(cfg), cfg)
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():  # B = 0 at init would make every lora_A gradient zero
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+    model.train()
+    return cfg, model
+
+
+def _lora_grads(model, rows, padding_free: bool, micro_batch: int, dtype):
+    """LoRA gradients of one optimizer step the way Trainer takes it: loss summed over micro-batches, each
+    normalised by the step's count of label tokens (num_items_in_batch)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
+    batches = [collate([{"input_ids": r} for r in rows[i:i + micro_batch]]) for i in range(0, len(rows), micro_batch)]
+    n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
+    model.zero_grad()
+    for b in batches:
+        b = {k: v for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**b, use_cache=False, num_items_in_batch=n_items).loss
+        loss.backward()
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rel_err(a: dict, b: dict) -> float:
+    x = torch.cat([a[k].flatten() for k in b])
+    y = torch.cat([b[k].flatten() for k in b])
+    return ((x - y).norm() / y.norm()).item()
+
+
+@pytest.mark.parametrize("lengths", [(9, 14, 5, 11), (8, 8, 8, 8)], ids=["ragged", "equal"])
+def test_packed_forward_equals_separate_forwards(tiny_falcon, lengths):
+    """Rows laid end to end (padding-free) through the patched attention give each row's own logits: no attention
+    across rows, positions restart per row. Both Falcon architectures, ragged and equal lengths."""
+    from transformers import FalconForCausalLM
+    model = FalconForCausalLM.from_pretrained(tiny_falcon).eval()
+    rows = [torch.tensor(r) for r in _rows(lengths=lengths)]
+    with torch.no_grad():
+        separate = torch.cat([model(r[None], use_cache=False).logits[0] for r in rows])
+        assert P.patch_falcon_attention(model) == model.config.num_hidden_layers
+        pos = torch.cat([torch.arange(len(r)) for r in rows])[None]
+        packed = model(torch.cat(rows)[None], position_ids=pos, use_cache=False).logits[0]
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [("padding_free", "attention"), ("lora",), ALL], ids=["attention", "lora", "all"])
+def test_lora_grads_match_reference_fp32(tiny_falcon_7b_arch, tmp_path, parts):
+    """Each changed code path (padding-free rows + fused attention; the single-GEMM LoRA; all of them with the
+    whole effective batch in one micro-batch) gives the reference path's LoRA gradients (fp32: to rounding)."""
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    rows = _rows()
+    ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    P.apply_profile(cfg, model, {}, profile="speed", parts=parts, free_bytes=10**12)
+    got = _lora_grads(model, rows, padding_free="padding_free" in parts, micro_batch=4 if "split" in parts else 2,
+                      dtype=torch.float32)
+    assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_A" in k)
+    assert _rel_err(got, ref) < 1e-5
+
+
+def test_lora_grads_match_reference_bf16(tiny_falcon_7b_arch, tmp_path):
+    """Under bf16 autocast, with the layer-norm outputs in bf16 too, the profile's LoRA gradients stay within 2% of
+    the reference path's (the issue's bound; bf16 rounding alone moves them ~0.5%)."""
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path, compute_dtype="bf16")
+    rows = _rows()
+    ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.bfloat16)
+    _, args, _ = P.apply_profile(cfg, model, {"bf16": True}, profile="speed", parts=ALL, free_bytes=10**12)
+    assert args["per_device_train_batch_size"] == 4 and args["gradient_accumulation_steps"] == 1
+    got = _lora_grads(model, rows, padding_free=True, micro_batch=4, dtype=torch.bfloat16)
+    assert _rel_err(got, ref) < 0.02
+
+
+def test_remove_profile_restores_stock_forwards(tiny_falcon_7b_arch, tmp_path):
+    """The patches are per instance and undone by remove_profile (the benchmark reuses one base model)."""
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path, compute_dtype="bf16")
+    P.apply_profile(cfg, model, {"bf16": True}, profile="speed", parts=ALL, free_bytes=10**12)
+    patched = [m for m in model.modules() if "forward" in m.__dict__ or hasattr(m, "_fq_hook")]
+    assert len(patched) == 2 + 8 + 3 + 1  # attention x2 layers, LoRA x8, norms x2 + ln_f, embedding hook
+    P.remove_profile(model)
+    assert not [m for m in model.modules() if "forward" in m.__dict__ or hasattr(m, "_fq_hook")]
+
+
+def test_plan_keeps_effective_batch_and_picks_by_memory():
+    """speed: the whole effective batch in one micro-batch without checkpointing when memory allows, smaller
+    micro-batches when it does not; memory: the reference split with checkpointing; effective batch unchanged."""
+    cfg = load_config(None)  # reference recipe: 4 x 4, 512 tokens
+    assert P.plan(cfg, "speed", free_bytes=140 * P.GiB) == P.Plan("speed", 16, 1, False)
+    small = P.plan(cfg, "speed", free_bytes=40 * P.GiB)
+    assert small.micro_batch * small.accumulation == 16 and small.micro_batch < 16 and not small.checkpointing
+    assert P.plan(cfg, "memory") == P.Plan("memory", 4, 4, True)
+    assert P.resolve_profile(load_config(None, profile="auto"), free_bytes=140 * P.GiB) in ("speed", "reference")
+    assert P.resolve_profile(load_config(None, profile="memory")) == "memory"
+
+
+def test_reference_profile_changes_nothing(tiny_falcon_7b_arch, tmp_path):
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    args = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "gradient_checkpointing": True}
+    _, out, extra = P.apply_profile(cfg, model, args, profile="reference")
+    assert out == args and extra == {}
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def test_train_with_speed_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path):
+    """Through falcon_qlora.train (the package's path: TRL collator, fused LM head, Trainer's accumulation), the
+    speed profile's per-step losses are the reference profile's."""
+    from falcon_qlora.train import train
+    losses = {}
+    for profile in ("reference", "speed"):
+        cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / profile, max_steps=3,
+                                                 save_steps=100, eval_split=None, profile=profile,
+                                                 per_device_train_batch_size=2, gradient_accumulation_steps=2))
+        losses[profile] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
+    assert len(losses["speed"]) == 3
+    assert losses["speed"] == pytest.approx(losses["reference"], rel=1e-4)
