@@ -171,7 +171,7 @@ def chain(tiny_falcon_7b_arch, tiny_data, tmp_path_factory):
     return {"ref": ref, "out": out, "hooks": hooks, "results": results}
 
 
-def test_killed_nine_times_ends_with_the_same_adapter(chain):
+def test_interrupted_nine_times_ends_with_the_same_adapter(chain):
     ref, *interrupted = chain["results"]
     assert ref["exit"] == 0, ref["log"]
     final = interrupted[-1]

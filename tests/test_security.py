@@ -27,7 +27,7 @@ def _copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_trust_remote_code_is_off_unless_set(tiny_falcon_7b_arch, tmp_path):
+def test_trust_remote_code_is_off_unless_set(tiny_falcon_7b_arch, tmp_path, monkeypatch):
     """A model folder that ships its own modeling code (auto_map) gets the native Falcon class by default; the
     shipped code runs only with trust_remote_code=true."""
     from falcon_qlora.config import RunConfig, load_config, make_config
@@ -38,13 +38,16 @@ def test_trust_remote_code_is_off_unless_set(tiny_falcon_7b_arch, tmp_path):
     marker = tmp_path / "remote-code-ran"
     (folder / "evil_modeling.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import FalconForCausalLM as EvilFalcon\n")
+        "from transformers import FalconForCausalLM\n\n\nclass EvilFalcon(FalconForCausalLM):\n    pass\n")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilFalcon"}
     (folder / "config.json").write_text(json.dumps(config))
     over = tiny_overrides(folder, folder, tmp_path / "out")
     load_base_model(make_config(**over))
     assert not marker.exists()
+    from transformers import AutoModelForCausalLM
+    mapping = AutoModelForCausalLM._model_mapping  # loading registers EvilFalcon for Falcon: undo after the test
+    monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
     load_base_model(make_config(**over, trust_remote_code=True))
     assert marker.read_text() == "ran"  # the switch is really wired through
 
