@@ -114,10 +114,12 @@ def apply_profile(cfg: RunConfig, model, args, tokenizer=None, profile: str | No
     profile = profile or resolve_profile(cfg, free_bytes)
     if profile not in PROFILES:
         raise UserError(f"profile={profile} is not one of auto, {', '.join(PROFILES)}")
+    get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
     if profile == "reference":
+        if get("packing"):  # a fix, not a speed-up: stock Falcon in transformers 5.17 does not pass position_ids
+            patch_falcon_attention(model)  # to its mask, so packed rows attend to each other (5.24 does)
         return model, args, {}
     parts = PROFILE_PARTS[profile] if parts is None else tuple(parts)
-    get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
     changes = {}
     if "split" in parts:
         p = plan(cfg, profile, free_bytes, get("per_device_train_batch_size"), get("gradient_accumulation_steps"))
