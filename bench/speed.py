@@ -247,15 +247,20 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.copy_((torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype))
-    args = sft_config(cfg, tok, resolve_compute_dtype(cfg))
-    kw = {} if parts is None else {"parts": parts}
-    model, args, extra = P.apply_profile(cfg, model, args, tok, profile, **kw)
     state = {"stamps": []}
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=callbacks(state, prof_step, grab_grads), **extra)
-    for p in trainer.model.parameters():  # as falcon_qlora.train.build_trainer: fp32 LoRA master weights
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    cbs = callbacks(state, prof_step, grab_grads)
+    ds = Dataset.from_list(rows)
+    if parts is None:  # a profile as users get it: falcon_qlora.train.build_trainer applies it
+        from falcon_qlora.train import build_trainer
+        trainer = build_trainer(cfg, model, tok, ds, None, callbacks=cbs)
+        model, args, extra = trainer.model, trainer.args, {"data_collator": None} if _padding_free(trainer) else {}
+    else:  # an ablation: the same steps as build_trainer, with a subset of the profile's changes
+        args = sft_config(cfg, tok, resolve_compute_dtype(cfg))
+        model, args, extra = P.apply_profile(cfg, model, args, tok, profile, parts=parts)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=cbs, **extra)
+        for p in trainer.model.parameters():  # as falcon_qlora.train.build_trainer: fp32 LoRA master weights
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     state["trainer"] = trainer
     cuda = torch.cuda.is_available()
     if cuda:
@@ -323,6 +328,10 @@ def restore(trainer, model):
         pass
 
 
+def _padding_free(trainer) -> bool:
+    return bool(getattr(trainer.data_collator, "padding_free", False))
+
+
 def rel_err(g, ref, keys=None):
     keys = keys or [k for k in ref if k in g]
     a = torch.cat([g[k] for k in keys])
@@ -342,6 +351,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/falcon7b-random")
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--budget-s", type=float, default=540, help="skip the remaining variants after this long")
+    ap.add_argument("--no-ceilings", action="store_true", help="skip the matmul/attention microbenchmarks")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,6 +369,7 @@ def main() -> None:
         pass
     if torch.cuda.is_available():
         RESULTS["env"]["gpu"] = torch.cuda.get_device_name()
+    if torch.cuda.is_available() and not a.no_ceilings:
         try:
             RESULTS["ceilings"] = ceilings()
         except Exception as err:  # noqa: BLE001
@@ -426,6 +437,8 @@ def main() -> None:
                                           parts=tuple(x for x in P.PARTS if x != "lora"))),
         ("speed_paged_adam", full, dict(profile="speed", steps=steps,
                                         parts=tuple(x for x in P.PARTS if x != "optim"))),
+        # the memory profile without falcon_qlora's SafeTrainer (NaN checks): same parts, plain SFTTrainer
+        ("memory_plain_trainer", full, dict(profile="memory", steps=steps, parts=P.PROFILE_PARTS["memory"])),
     ]
     G = [("reference", dict(profile="reference")), ("speed", dict(profile="speed")),
          ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
