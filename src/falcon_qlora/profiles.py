@@ -10,8 +10,11 @@ What a profile changes (each measured in bench/NOTES.md; none changes what is le
     the materialised (rows, 71, L, L) mask and fp32 softmax that the stock code falls back to.
   - layer-norm outputs in the compute dtype: under autocast they come out in fp32 and drag every activation after
     them (the 18176-wide MLP ones too) into fp32; the residual stream itself stays fp32, as in the reference.
-  - speed: no gradient checkpointing, and the effective batch in as few micro-batches as memory allows.
-  - memory: gradient checkpointing kept, the reference's micro-batch split.
+  - each LoRA layer as one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale) instead of peft's clone/mul/add.
+  - speed: no gradient checkpointing, the effective batch in as few micro-batches as free memory allows (estimated
+    for Falcon-7B's widths: conservative for smaller models), fused torch AdamW instead of paged bnb AdamW 32-bit.
+  - memory: gradient checkpointing kept, the reference's micro-batch split, narrower tiles in TRL's fused LM head.
+Generation, eval of padded batches and non-Falcon models fall through to the stock code paths.
 """
 from __future__ import annotations
 
