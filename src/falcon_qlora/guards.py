@@ -14,14 +14,14 @@ OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "l
 
 
 class NonFiniteError(UserError):
-    """A NaN or inf loss or gradient norm: training stops at that step, before the bad update is applied."""
+    """A NaN or inf loss or gradient norm: training stops at that step, before any checkpoint holds its result."""
 
 
 def _value(x) -> float:
     return float(x.detach().float().item() if hasattr(x, "detach") else x)
 
 
-def check_finite(what: str, value, trainer, cfg=None) -> None:
+def check_finite(what: str, value, trainer, cfg=None, step: int | None = None) -> None:
     """Raise NonFiniteError naming the step, the last good checkpoint and the likely fix if `value` is NaN/inf.
 
     Under fp16 the grad scaler produces inf gradient norms on purpose while it searches for a scale, and skips
@@ -33,7 +33,7 @@ def check_finite(what: str, value, trainer, cfg=None) -> None:
         return
     from .checkpoints import complete_checkpoints, resume_command
     args = trainer.args
-    step = trainer.state.global_step + 1  # the step being computed; its update is not applied
+    step = trainer.state.global_step + 1 if step is None else step  # default: the step being computed
     found = complete_checkpoints(Path(args.output_dir))
     last = f"last good checkpoint {found[-1]}" if found else "no checkpoint saved yet"
     if args.fp16:
