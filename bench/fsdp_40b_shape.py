@@ -239,11 +239,12 @@ def run(a, result: dict, write) -> None:
         result["checkpoint"] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:1000]}
     write()
     final = Path(cfg.output_dir) / "final"
-    dist.prepare_final_save(trainer)
-    trainer.save_model(str(final))  # the gathered adapter, as train() saves it
+    dist.save_adapter(trainer, final)  # the gathered adapter, as train() saves it
     from safetensors import safe_open
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
         result["final_adapter_tensors"] = len(list(f.keys()))
+        result["final_adapter_nonzero_lora_B"] = sum(int(f.get_tensor(k).abs().max() > 0) for k in f.keys()
+                                                     if "lora_B" in k)
     result["expected_adapter_tensors"] = 2 * len(cfg.lora_target_modules) * a.layers
 
 

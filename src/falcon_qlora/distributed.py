@@ -136,10 +136,32 @@ def check_fsdp(compute_dtype) -> None:
                         "GPUs without bf16 (T4, V100)")
 
 
-def prepare_final_save(trainer) -> None:
-    """Under FSDP the final adapter is gathered onto the main process as one ordinary adapter file."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+def save_adapter(trainer, folder) -> None:
+    """Write the adapter into folder. Under FSDP, Trainer.save_model wrote an adapter with no tensors (measured on
+    the H200 at Falcon-40B's shape), so gather the full LoRA weights onto the main process ourselves and save those
+    through peft; every process must call this (the gather is collective)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(folder))
+        return
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = peft_model.active_adapter
+    state = {}
+    with FSDP.summon_full_params(trainer.model, writeback=False, rank0_only=True):
+        if is_main():
+            for name, p in trainer.model.named_parameters():
+                if "lora_" in name:
+                    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                        name = name.replace(wrapper, "")
+                    state[name.replace(f".{adapter}.", ".")] = p.detach().float().cpu().clone()
+    if is_main():
+        if not state:
+            raise RuntimeError("FSDP gathered no LoRA weights: the adapter would be empty")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_model.peft_config[adapter].save_pretrained(str(folder))
 
 
 def record_rows(trainer) -> None:

@@ -32,10 +32,16 @@ GiB = 2**30
 def resolve_profile(cfg: RunConfig, free_bytes: int | None = None) -> str:
     """auto -> speed where the GPU holds the job without checkpointing at micro-batch >= 4, else memory;
     reference on CPU (the profiles' kernels only pay on a GPU)."""
+    import os
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp and cfg.profile in ("speed", "memory"):
+        # the profiles patch LoRA and attention forwards in ways FSDP's flat parameters do not allow (measured:
+        # "Output 0 of ViewBackward0 is a view ... modified inplace")
+        raise UserError(f"profile={cfg.profile} is not supported under FSDP: use profile=reference or auto")
     if cfg.profile != "auto":
         return cfg.profile
     import torch
-    if not torch.cuda.is_available():
+    if fsdp or not torch.cuda.is_available():
         return "reference"
     free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info()[0]
     mb = micro_batch_for(cfg, free)
