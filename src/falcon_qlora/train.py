@@ -205,8 +205,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     if dist.is_main():
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    dist.prepare_final_save(trainer)
-    trainer.save_model(str(staging))  # every process calls it (FSDP gathers); only the main one writes
+    dist.save_adapter(trainer, staging)  # every process calls it (FSDP gathers); only the main one writes
     history = trainer.state.log_history
     if dist.is_main():
         tok.save_pretrained(staging)
@@ -216,6 +215,8 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         plot = plot_losses(out, history)
         print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
     dist.barrier()  # no process returns before the final folder is complete
+    from .profiles import remove_profile
+    remove_profile(trainer.model)  # the returned model generates with the stock forward, outside autocast
     return TrainResult(output_dir=out, final_dir=final, metrics=metrics, log_history=history, model=trainer.model,
                        tokenizer=tok)
 
