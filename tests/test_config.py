@@ -75,3 +75,7 @@ def test_bad_values_are_named(key, value):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_none_on_the_command_line_turns_evaluation_off():
+    assert parse_args(["--eval_split", "None", "--save_total_limit", "none"]).eval_split is None

@@ -98,3 +98,16 @@ def test_train_without_a_gpu_names_the_demo(capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA GPU" in err and "falcon-qlora demo" in err
+
+
+def test_push_to_hub_offline_fails_in_one_line_after_everything_is_saved(tiny_falcon_7b_arch, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    from falcon_qlora.errors import UserError
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, max_steps=2, eval_split=None,
+                                       push_to_hub="someone/tiny-adapter"))
+    with pytest.raises(UserError) as err:
+        train(cfg)
+    assert len(str(err.value).splitlines()) == 1 and "someone/tiny-adapter" in str(err.value)
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert list(tmp_path.glob("hub-*/README.md"))

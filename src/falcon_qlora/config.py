@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from .errors import UserError
@@ -87,7 +87,7 @@ class RunConfig:
     profile: Literal["auto", "reference", "speed", "memory"] = _f(
         "auto", "Speed/memory profile; none changes what is learned. auto: speed where memory allows.")
     save_steps: int = _f(10, "Checkpoint every N steps.")
-    save_total_limit: Optional[int] = _f(3, "Keep at most N checkpoints (None: all; each is ~0.8 GB for Falcon-7B).")
+    save_total_limit: Optional[int] = _f(3, "Keep at most N checkpoints (None: all; each is ~1.5 GB for Falcon-7B r=64 with optimizer state).")
     logging_steps: int = _f(10, "Log loss every N steps.")
     eval_steps: Optional[int] = _f(None, "Evaluate every N steps (None: only at the end).")
     seed: int = _f(42, "Seed for data order, LoRA init and dropout.")
@@ -96,6 +96,13 @@ class RunConfig:
     overwrite: bool = _f(False, "Start fresh even if output_dir holds another run's checkpoints.")
     push_to_hub: Optional[str] = _f(None, "Hub repo id to upload the adapter to at the end.")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
+
+    @field_validator("eval_split", "push_to_hub", "max_train_rows", "max_eval_rows", "eval_steps", "save_total_limit",
+                     mode="before")
+    @classmethod
+    def _none_words(cls, value):
+        """`--eval_split None` arrives from the command line as the word, not the value."""
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "null", "") else value
 
     def __post_init__(self):
         problems = validate(self)

@@ -215,6 +215,9 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         plot = plot_losses(out, history)
         print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
     dist.barrier()  # no process returns before the final folder is complete
+    if cfg.push_to_hub and dist.is_main():
+        from .publish import publish
+        publish(final, cfg.push_to_hub, cfg)  # after everything is saved: an offline failure loses nothing
     from .profiles import remove_profile
     remove_profile(trainer.model)  # the returned model generates with the stock forward, outside autocast
     return TrainResult(output_dir=out, final_dir=final, metrics=metrics, log_history=history, model=trainer.model,
