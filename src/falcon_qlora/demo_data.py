@@ -19,15 +19,27 @@ DATA_DIR = Path(__file__).parent / "data" / "demo-guanaco"
 N_TRAIN, N_TEST, SEED = 320, 40, 2024
 
 # Word lists: train and held-out pools are disjoint for names and cities; jobs are shared (a fixed vocabulary).
-FIRST = {"train": "Alice Bruno Chen Dara Emil Farah Goran Hana Ivo Jana Kofi Lena Marek Nadia Omar Paula Quinn Rosa "
-                  "Sven Tara Umar Vera Wim Yara Zoe Anton Bea Carlos Dmitri Elif".split(),
-         "test": "Greta Hugo Ines Jonas Keiko Luis Mila Nils Olga Pavel".split()}
-LAST = {"train": "Moreau Silva Wei Novak Haddad Berg Costa Ivanova Okafor Lund Rossi Tanaka Kowalski Nguyen Fischer "
-                 "Mendes Park Larsen Horvat Santos".split(),
-        "test": "Dubois Ortega Sato Lindqvist Kuznetsova".split()}
-CITY = {"train": "Lyon Porto Osaka Gdansk Accra Bergen Quito Leeds Graz Hanoi Kyoto Turin Cork Seville Tartu Nantes "
-                 "Bruges Malmo Krakow Durban".split(),
-        "test": "Lisbon Oslo Dakar Lima Basel Perth".split()}
+# The training pools are large on purpose: with a few cities only, the model memorises them and writes "Osaka" for
+# an unseen "Oslo"; with ~100, copying from the prompt is the only thing that works.
+FIRST = {"train": """Alice Bruno Chen Dara Emil Farah Goran Hana Ivo Jana Kofi Lena Marek Nadia Omar Paula Quinn Rosa
+                     Sven Tara Umar Vera Wim Yara Zoe Anton Bea Carlos Dmitri Elif Fatima Gideon Helga Igor Jin
+                     Karim Leila Mateo Nora Oskar Priya Rafael Saskia Tomas Ursula Viktor Wanda Xavier Yusuf Zara
+                     Agnes Boris Clara Diego Esther Felix Gemma Henrik Irene Jamal""".split(),
+         "test": "Greta Hugo Ines Jonas Keiko Luis Mila Nils Olga Pavel Ruth Selim Thea Ugo Vivian".split()}
+LAST = {"train": """Moreau Silva Wei Novak Haddad Berg Costa Ivanova Okafor Lund Rossi Tanaka Kowalski Nguyen Fischer
+                    Mendes Park Larsen Horvat Santos Abbott Bianchi Castro Dumas Eriksen Ferreira Gallo Hoffmann
+                    Iqbal Jensen Keller Lopez Mazur Nakamura Olsen Petrov Quist Romero Schmidt Torres Ueda Varga
+                    Weber Yilmaz Zimmer Achebe Brandt Cruz Delgado Engel""".split(),
+        "test": "Dubois Ortega Sato Lindqvist Kuznetsova Almeida Brennan Chowdhury Falk Ivanic".split()}
+CITY = {"train": """Lyon Porto Osaka Gdansk Accra Bergen Quito Leeds Graz Hanoi Kyoto Turin Cork Seville Tartu Nantes
+                    Bruges Malmo Krakow Durban Aarhus Bilbao Cairo Dublin Essen Fukuoka Genoa Hamburg Izmir Jaipur
+                    Kampala Lagos Madrid Nairobi Odessa Padua Quebec Riga Sapporo Tunis Utrecht Valencia Warsaw
+                    Yerevan Zagreb Antwerp Bologna Calgary Dresden Eindhoven Florence Geneva Helsinki Innsbruck
+                    Jakarta Kaunas Leipzig Marseille Naples Oxford Palermo Rabat Salzburg Tallinn Uppsala Verona
+                    Vienna Windhoek Zurich Adelaide Boston Chicago Denver Edinburgh Glasgow Houston Istanbul
+                    Kolkata Lille Manila Nagoya Ottawa Prague Recife Seattle Toronto Vilnius Wellington Bordeaux
+                    Cardiff Delft Faro Grenoble Hobart Kiel Lucerne Mumbai""".split(),
+        "test": "Lisbon Oslo Dakar Lima Basel Perth Athens Bogota Chennai Dundee Gothenburg Lusaka".split()}
 JOBS = ("baker nurse pilot teacher plumber chemist architect farmer librarian carpenter dentist journalist "
         "engineer florist translator").split()
 

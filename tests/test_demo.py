@@ -1,0 +1,75 @@
+"""The offline demo: its own dataset, its preset, and a shortened run that must visibly learn."""
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+
+from falcon_qlora import demo_data
+from falcon_qlora.config import PRESETS_DIR, RunConfig, load_config
+
+
+def test_shipped_data_is_exactly_the_generator_output(tmp_path):
+    demo_data.write(tmp_path)
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (demo_data.DATA_DIR / f"{split}.jsonl").read_bytes()
+
+
+def test_every_answer_is_the_card_of_the_prompt_and_heldout_people_are_unseen():
+    """Each answer is valid JSON whose four facts all appear in the prompt; held-out names and cities never occur in
+    training, so the held-out numbers measure extraction rather than memory."""
+    from falcon_qlora.data import load_dataset_splits
+    train, held = load_dataset_splits(load_config("demo"))   # also passes the loader's row validation
+    assert (len(train), len(held)) == (demo_data.N_TRAIN, demo_data.N_TEST)
+    seen = {}
+    for split, ds in (("train", train), ("test", held)):
+        cards = []
+        for text in ds["text"]:
+            prompt, answer = text.removeprefix("### Human: ").split(" ### Assistant: ")
+            card = json.loads(answer)
+            assert list(card) == ["name", "age", "city", "job"]
+            assert all(re.search(rf"\b{re.escape(str(v))}\b", prompt) for v in card.values()), text
+            cards.append(card)
+        seen[split] = cards
+    train_names = {c["name"].split()[0] for c in seen["train"]} | {c["name"].split()[1] for c in seen["train"]}
+    test_names = {c["name"].split()[0] for c in seen["test"]} | {c["name"].split()[1] for c in seen["test"]}
+    assert not train_names & test_names
+    assert not {c["city"] for c in seen["train"]} & {c["city"] for c in seen["test"]}
+
+
+def test_every_row_fits_max_length_with_its_eos(smollm2):
+    """A truncated row would lose its EOS, and the model would not learn to stop."""
+    from transformers import AutoTokenizer
+    cfg = load_config("demo")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    for split in ("train", "test"):
+        rows = [json.loads(x)["text"] for x in (demo_data.DATA_DIR / f"{split}.jsonl").read_text().splitlines()]
+        longest = max(len(ids) for ids in tok([r + tok.eos_token for r in rows], add_special_tokens=False).input_ids)
+        assert longest <= cfg.max_length, (split, longest)
+
+
+def test_demo_preset_comments_every_change_from_the_reference():
+    """The preset is the reference recipe scaled down: each key whose value differs from the reference default
+    carries a '# was ...' comment on its line."""
+    reference = RunConfig()
+    lines = (PRESETS_DIR / "demo.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    changed = [k for k, v in values.items() if getattr(reference, k) != v]
+    assert len(changed) >= 8       # model, data, and the CPU scaling
+    for key in changed:
+        line = next(x for x in lines if x.startswith(f"{key}:"))
+        assert "# was " in line, f"demo.yaml: {key} differs from the reference but its line does not say so"
+
+
+def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
+    """SmolLM2 in 4-bit + LoRA, a shortened demo schedule: held-out loss drops and answers end at EOS."""
+    from falcon_qlora.demo import run_demo
+    from falcon_qlora.model import count_linear4bit
+    result = run_demo(max_steps=12, output_dir=str(tmp_path / "run"), max_eval_rows=16, n_shown=2, verbose=False,
+                      disable_tqdm=True)
+    assert result.eval_loss_after < 0.8 * result.eval_loss_before, result.summary()
+    assert any(g.ended_at_eos for g in result.generations_after), result.generations_after
+    assert result.loss_plot is not None and result.loss_plot.stat().st_size > 0
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == 8
