@@ -65,7 +65,6 @@ def test_demo_preset_comments_every_change_from_the_reference():
 def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
     """SmolLM2 in 4-bit + LoRA, a shortened demo schedule: held-out loss drops and answers end at EOS."""
     from falcon_qlora.demo import run_demo
-    from falcon_qlora.model import count_linear4bit
     result = run_demo(max_steps=12, output_dir=str(tmp_path / "run"), max_eval_rows=16, n_shown=2, verbose=False,
                       disable_tqdm=True)
     assert result.eval_loss_after < 0.8 * result.eval_loss_before, result.summary()

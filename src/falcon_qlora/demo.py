@@ -117,7 +117,7 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
     from .config import load_config
     from .data import load_dataset_splits
     from .model import attach_lora, count_linear4bit, load_base_model, load_tokenizer
-    from .train import plot_losses, train
+    from .train import train
     start = time.time()
 
     def say(msg: str) -> None:
@@ -141,9 +141,7 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
     after = heldout_loss(model, tok, texts, cfg.per_device_eval_batch_size, cfg.max_length)
     gens_after = generate(model, tok, texts)
     _show("after", gens_after[:n_shown], say)
-    steps = result.metrics.get("train_steps", cfg.max_steps)
-    history = result.log_history + [{"step": 0, "eval_loss": before}, {"step": steps, "eval_loss": after}]
-    plot = plot_losses(result.output_dir, history)   # the trainer's curve plus the two held-out points
+    plot = plot_losses(result.output_dir, result.log_history, before, after)
     demo = DemoResult(before, after, gens_before, gens_after, plot, result.final_dir, time.time() - start,
                       result.metrics, n4)
     say(f"held-out loss: {before:.3f} before -> {after:.3f} after training ({100 * demo.relative_drop:.0f}% lower)")
@@ -152,6 +150,25 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
     say(f"loss curve: {plot}")
     say(f"adapter: {demo.adapter_dir}   (try it: falcon-qlora chat --adapter {demo.adapter_dir})")
     return demo
+
+
+def plot_losses(out: Path, log_history: list, before: float, after: float) -> Path:
+    """The trainer's loss curve plus the held-out loss measured before and after (two points, not a curve)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps, losses = zip(*[(x["step"], x["loss"]) for x in log_history if "loss" in x])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, label="train loss")
+    ax.plot([0, steps[-1]], [before, after], "o", color="tab:orange", label="held-out loss (before, after)")
+    ax.set(xlabel="optimizer step", ylabel="loss (mean per token)", title="demo: 4-bit NF4 base + LoRA")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _score(gens: list[Generation]) -> str:
