@@ -67,6 +67,7 @@ def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
     from falcon_qlora.demo import run_demo
     result = run_demo(max_steps=12, output_dir=str(tmp_path / "run"), max_eval_rows=16, n_shown=2, verbose=False,
                       disable_tqdm=True)
+    assert result.linear4bit == 30 * 7            # every linear layer of the 30 blocks is bnb Linear4bit
     assert result.eval_loss_after < 0.8 * result.eval_loss_before, result.summary()
     assert any(g.ended_at_eos for g in result.generations_after), result.generations_after
     assert result.loss_plot is not None and result.loss_plot.stat().st_size > 0

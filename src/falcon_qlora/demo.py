@@ -35,7 +35,7 @@ class DemoResult:
     eval_loss_after: float
     generations_before: list[Generation]
     generations_after: list[Generation]
-    loss_plot: Path | None
+    loss_plot: Path
     adapter_dir: Path
     seconds: float
     train_metrics: dict = field(default_factory=dict)
@@ -53,7 +53,8 @@ class DemoResult:
                 "ended_at_eos_before": sum(g.ended_at_eos for g in self.generations_before),
                 "ended_at_eos_after": sum(g.ended_at_eos for g in self.generations_after),
                 "heldout_rows": len(self.generations_after), "loss_plot": str(self.loss_plot),
-                "adapter_dir": str(self.adapter_dir), "seconds": round(self.seconds, 1)}
+                "adapter_dir": str(self.adapter_dir), "linear4bit_layers": self.linear4bit,
+                "seconds": round(self.seconds, 1)}
 
 
 def split_row(text: str) -> tuple[str, str]:
@@ -142,12 +143,12 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
     gens_after = generate(model, tok, texts)
     _show("after", gens_after[:n_shown], say)
     plot = plot_losses(result.output_dir, result.log_history, before, after)
-    demo = DemoResult(before, after, gens_before, gens_after, plot, result.final_dir, time.time() - start,
-                      result.metrics, n4)
+    demo = DemoResult(before, after, gens_before, gens_after, plot.resolve(), result.final_dir.resolve(),
+                      time.time() - start, result.metrics, n4)
     say(f"held-out loss: {before:.3f} before -> {after:.3f} after training ({100 * demo.relative_drop:.0f}% lower)")
     say(f"held-out cards exactly right: {_score(gens_before)} before -> {_score(gens_after)} after; answers that "
         f"stopped at EOS: {sum(g.ended_at_eos for g in gens_before)} -> {sum(g.ended_at_eos for g in gens_after)}")
-    say(f"loss curve: {plot}")
+    say(f"loss curve: {demo.loss_plot}")
     say(f"adapter: {demo.adapter_dir}   (try it: falcon-qlora chat --adapter {demo.adapter_dir})")
     return demo
 
@@ -183,8 +184,16 @@ def _show(when: str, gens: list[Generation], say) -> None:
 
 
 def cli(argv: list[str]) -> int:
+    """`falcon-qlora demo [--key value ...]`: the demo preset, overridable like `train`; prints a JSON summary last."""
+    import warnings
     from .train import parse_args
+    if {"-h", "--help"} & set(argv):
+        print("falcon-qlora demo: train the demo preset (SmolLM2-135M, 4-bit, contact-card task) and show held-out "
+              "loss, answers before/after, the loss plot and the adapter. It takes every option of train:\n")
     cfg = parse_args(["--config", "demo", *argv])
+    # Deprecation notices from the libraries mean nothing to someone trying the tool for the first time.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
     demo = run_demo(cfg)
     print(json.dumps(demo.summary()))
     return 0
