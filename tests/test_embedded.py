@@ -52,6 +52,13 @@ def test_interrupted_conversion_is_redone(tmp_path, monkeypatch):
     assert calls == [half]
 
 
+def test_unwritable_cache_names_the_env_var(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(UserError, match=embedded.CACHE_ENV):
+        embedded.smollm2_path(verbose=False)
+
+
 def test_cache_location_follows_env_then_xdg_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

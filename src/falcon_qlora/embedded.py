@@ -81,18 +81,18 @@ def smollm2_path(verbose: bool = True) -> str:
 def convert(source: Path, folder: Path) -> Path:
     """GGUF -> transformers folder. Written into a temporary sibling and renamed at the end, so an interrupted or
     concurrent conversion never leaves a half folder where a complete one is expected."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    except OSError as err:
+        raise UserError(f"cannot write the model cache {folder.parent} ({err.strerror}): set {CACHE_ENV} to a "
+                        "writable folder") from None
     os.chmod(tmp, 0o755)           # mkdtemp makes it private; a cache folder is normally readable
     try:
         _write_folder(source, tmp)
-        if folder.exists():          # a stale (old-format or interrupted) folder: replace it
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
+        if not is_converted(folder):   # else another process finished first: keep its folder
+            shutil.rmtree(folder, ignore_errors=True)   # a stale (old-format or interrupted) folder
             tmp.rename(folder)
-        except OSError:              # another process finished first: keep its folder if complete
-            if not is_converted(folder):
-                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
