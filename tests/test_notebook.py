@@ -37,3 +37,21 @@ def test_notebook_runs_headless_on_the_tiny_model(tiny_falcon_7b_arch, tiny_data
     assert "8 Linear4bit layers" in outputs and "trainable parameters" in outputs
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
     assert "image/png" in outputs
+
+
+def test_notebook_runs_with_the_embedded_smollm2(smollm2, tmp_path, monkeypatch):
+    """The same notebook on a model that knows language: SmolLM2-135M (4-bit) on the embedded demo data."""
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("FALCON_QLORA_SKIP_INSTALL", "1")
+    params = dict(model_name_or_path=str(smollm2), dataset_name="demo-guanaco", output_dir=str(tmp_path / "run"),
+                  lora_target_modules=["q_proj", "v_proj"], lora_r=4, max_length=96, max_steps=2, save_steps=2,
+                  logging_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                  gradient_checkpointing=False, optim="adamw_torch", compute_dtype="fp32", max_train_rows=8,
+                  max_eval_rows=4, per_device_eval_batch_size=4, warmup_ratio=0.0,
+                  prompt="### Human: Make a contact card for Ana Silva, a 30-year-old nurse from Lima. ### Assistant:",
+                  max_new_tokens=8)
+    out = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, cwd=str(tmp_path), progress_bar=False)
+    outputs = "".join(str(o) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
+    assert "210 Linear4bit layers" in outputs and "trainable parameters" in outputs
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
