@@ -111,3 +111,19 @@ def test_push_to_hub_offline_fails_in_one_line_after_everything_is_saved(tiny_fa
     assert len(str(err.value).splitlines()) == 1 and "someone/tiny-adapter" in str(err.value)
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     assert list(tmp_path.glob("hub-*/README.md"))
+
+
+def test_tensorboard_logging_writes_event_files(tiny_falcon_7b_arch, tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, max_steps=2, eval_split=None,
+                                       report_to="tensorboard")))
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_missing_logger_package_is_one_clear_error(tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch):
+    import importlib.util
+    from falcon_qlora.errors import UserError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match="pip install wandb"):
+        train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, report_to="wandb")))

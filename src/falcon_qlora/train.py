@@ -79,12 +79,25 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def _netrc_has(host: str) -> bool:
+    import netrc
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
 def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     """Our config -> TRL's SFTConfig (one place that knows the mapping)."""
     import torch
     from trl import SFTConfig
-    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")  # never prompt for a login
+    if cfg.report_to != "none":
+        import importlib.util
+        if importlib.util.find_spec(cfg.report_to) is None:
+            raise UserError(f"report_to={cfg.report_to} needs the {cfg.report_to} package: pip install "
+                            f"{cfg.report_to}, or set report_to=none")
+    if cfg.report_to == "wandb" and not (os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no credentials: log locally, never prompt for a login
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
     return SFTConfig(
         output_dir=cfg.output_dir, **dist.trainer_kwargs(dist.batch_plan(cfg)),
