@@ -190,7 +190,7 @@ def cli(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
         print("falcon-qlora demo: train the demo preset (SmolLM2-135M, 4-bit, contact-card task) and show held-out "
               "loss, answers before/after, the loss plot and the adapter. It takes every option of train:\n")
-    cfg = parse_args(["--config", "demo", *argv])
+    cfg = parse_args(["--config", "demo", *argv], prog="falcon-qlora demo")
     # Deprecation notices from the libraries mean nothing to someone trying the tool for the first time.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")

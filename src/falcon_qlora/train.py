@@ -237,7 +237,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
                        tokenizer=tok)
 
 
-def parse_args(argv: list[str]) -> RunConfig:
+def parse_args(argv: list[str], prog: str = "falcon-qlora train") -> RunConfig:
     """`--config PRESET_OR_YAML` then `--key value` overrides, through TRL's TrlParser."""
     from pydantic import ValidationError
     from trl import TrlParser
@@ -247,7 +247,7 @@ def parse_args(argv: list[str]) -> RunConfig:
         i = argv.index("--config") + 1
         if i < len(argv):
             argv[i] = str(preset_path(argv[i]))
-    parser = TrlParser([Schema], prog="falcon-qlora train")
+    parser = TrlParser([Schema], prog=prog)
     parser.error = _parser_error  # argparse would print the usage and exit; we want one line
     try:
         (cfg,) = parser.parse_args_and_config(argv)
