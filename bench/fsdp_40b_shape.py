@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -70,8 +71,8 @@ def relaunch_under_accelerate(argv) -> None:
 def build_model(folder: Path, shape: dict, layers: int, cuda: bool) -> dict:
     """Random bf16 Falcon of the given shape + a word-level tokenizer (one token per word), saved as safetensors."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+    from common import save_word_tokenizer
+    from transformers import FalconConfig, FalconForCausalLM
     vocab = shape["vocab_size"]
     cfg = FalconConfig(vocab_size=vocab, hidden_size=shape["hidden_size"], num_hidden_layers=layers,
                        num_attention_heads=shape["num_attention_heads"], num_kv_heads=shape["num_kv_heads"],
@@ -82,12 +83,7 @@ def build_model(folder: Path, shape: dict, layers: int, cuda: bool) -> dict:
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return {"built": False}
     folder.mkdir(parents=True, exist_ok=True)
-    words = {f"w{i}": i for i in range(vocab - 8)}
-    for j, sp in enumerate(["<|endoftext|>", "###", "Human:", "Assistant:", "[UNK]"]):
-        words[sp] = vocab - 8 + j
-    tk = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(folder)
+    save_word_tokenizer(folder, vocab)
     t = time.time()
     torch.manual_seed(0)
     with torch.device("cuda" if cuda else "cpu"):

@@ -29,6 +29,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 import torch  # noqa: E402
 
@@ -44,14 +45,9 @@ def log(*a):
 # ------------------------------------------------------------------------------------------------ the model
 def build_falcon7b(path: Path) -> None:
     """Random bf16 Falcon-7B and a word-level tokenizer (w0 .. w65015 plus the chat markers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
-    words = {f"w{i}": i for i in range(VOCAB - 8)}
-    for j, sp in enumerate(["<|endoftext|>", "###", "Human:", "Assistant:", "[UNK]"]):
-        words[sp] = VOCAB - 8 + j
-    tk = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(path)
+    from common import save_word_tokenizer
+    from transformers import FalconConfig, FalconForCausalLM
+    save_word_tokenizer(path, VOCAB)
     cfg = FalconConfig(vocab_size=VOCAB, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
                        multi_query=True, parallel_attn=True, bias=False, alibi=False,
                        new_decoder_architecture=False, bos_token_id=VOCAB - 8, eos_token_id=VOCAB - 8)
