@@ -36,11 +36,12 @@ def check_device(cfg: RunConfig) -> None:
     """Without a CUDA GPU only small local models make sense; say so in one line instead of failing deep inside."""
     import torch
     from .model import MODEL_ALIASES, is_local_model, resolve_model_path
-    if cfg.model_name_or_path not in MODEL_ALIASES:
-        resolve_model_path(cfg.model_name_or_path)  # a missing local path: say that, not "no GPU"
-    if torch.cuda.is_available() or cfg.model_name_or_path in MODEL_ALIASES:
-        return
     name = cfg.model_name_or_path
+    if name in MODEL_ALIASES:  # the built-in models are small enough for a CPU
+        return
+    resolve_model_path(name)  # a missing local path: say that, not "no GPU"
+    if torch.cuda.is_available():
+        return
     size = sum(p.stat().st_size for p in Path(name).glob("*.safetensors")) if is_local_model(name) else None
     if size is None or size > 3e9:
         raise UserError(f"no CUDA GPU found: training {name} needs one (on a CPU it would take days). "
@@ -229,8 +230,8 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
     dist.barrier()  # no process returns before the final folder is complete
     if cfg.push_to_hub and dist.is_main():
-        from .publish import publish
-        publish(final, cfg.push_to_hub, cfg)  # after everything is saved: an offline failure loses nothing
+        from .publish import publish as push  # not checkpoints.publish, which moved final/ into place above
+        push(final, cfg.push_to_hub, cfg)  # after everything is saved: an offline failure loses nothing
     from .profiles import remove_profile
     remove_profile(trainer.model)  # the returned model generates with the stock forward, outside autocast
     return TrainResult(output_dir=out, final_dir=final, metrics=metrics, log_history=history, model=trainer.model,
