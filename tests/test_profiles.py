@@ -106,12 +106,15 @@ def test_remove_profile_restores_stock_forwards(tiny_falcon_7b_arch, tmp_path):
 
 def test_plan_keeps_effective_batch_and_picks_by_memory():
     """speed: the whole effective batch in one micro-batch without checkpointing when memory allows, smaller
-    micro-batches when it does not; memory: the reference split with checkpointing; effective batch unchanged."""
+    micro-batches when it does not; memory: checkpointing with offloaded layer inputs at MEMORY_ROWS rows per
+    micro-batch (the reference split without offloading); effective batch unchanged."""
     cfg = load_config(None)  # reference recipe: 4 x 4, 512 tokens
     assert P.plan(cfg, "speed", free_bytes=140 * P.GiB) == P.Plan("speed", 16, 1, False)
     small = P.plan(cfg, "speed", free_bytes=40 * P.GiB)
     assert small.micro_batch * small.accumulation == 16 and small.micro_batch < 16 and not small.checkpointing
-    assert P.plan(cfg, "memory") == P.Plan("memory", 4, 4, True)
+    assert P.plan(cfg, "memory") == P.Plan("memory", 8, 2, True, offload=True)
+    assert P.plan(cfg, "memory", offload=False) == P.Plan("memory", 4, 4, True)
+    assert P.plan(load_config(None, gradient_accumulation_steps=3), "memory").micro_batch == 6  # a divisor of 12
     assert P.resolve_profile(load_config(None, profile="auto"), free_bytes=140 * P.GiB) in ("speed", "reference")
     assert P.resolve_profile(load_config(None, profile="memory")) == "memory"
 
@@ -136,3 +139,49 @@ def test_train_with_speed_profile_logs_the_reference_losses(tiny_falcon_7b_arch,
         losses[profile] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
     assert len(losses["speed"]) == 3
     assert losses["speed"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+def test_profile_split_sets_both_checkpointing_names(tiny_falcon_7b_arch, tmp_path):
+    """transformers >= 5.20 reads activation_checkpointing; the old name is an alias resolved only when the
+    arguments are built. Setting one name after that would leave checkpointing on under the speed profile."""
+    from falcon_qlora.model import load_tokenizer
+    from falcon_qlora.train import sft_config
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    cfg = load_config(None, **{**cfg.__dict__, "gradient_checkpointing": True})
+    args = sft_config(cfg, load_tokenizer(cfg.model_name_or_path, cfg), torch.float32)
+    assert args.gradient_checkpointing
+    _, args, _ = P.apply_profile(cfg, model, args, profile="speed", parts=("split",), free_bytes=10**12)
+    assert args.gradient_checkpointing is False
+    assert getattr(args, "activation_checkpointing", False) is False
+
+
+def test_offloaded_layer_inputs_give_the_same_gradients(tiny_falcon_7b_arch, tmp_path):
+    """With reentrant checkpointing, every layer's saved input goes through the offload hooks (a host copy), and
+    the LoRA gradients are those of checkpointing without offloading."""
+    from falcon_qlora.offload import offload_layer_inputs, remove_offload
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    rows = _rows()
+    ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    hooks = offload_layer_inputs(model, min_bytes=0)
+    got = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert hooks.packed >= 2 * layers  # two micro-batches, each layer's input at least
+    assert _rel_err(got, ref) < 1e-6
+    remove_offload(model)
+    assert "forward" not in model.get_base_model().transformer.__dict__
+
+
+def test_train_with_memory_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path):
+    """Through falcon_qlora.train, the memory profile (bigger micro-batches, offloaded reentrant checkpointing,
+    padding-free rows) logs the reference profile's per-step losses."""
+    from falcon_qlora.train import train
+    losses = {}
+    for profile in ("reference", "memory"):
+        cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / profile, max_steps=3,
+                                                 save_steps=100, eval_split=None, profile=profile,
+                                                 per_device_train_batch_size=1, gradient_accumulation_steps=4))
+        losses[profile] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
+    assert len(losses["memory"]) == 3
+    assert losses["memory"] == pytest.approx(losses["reference"], rel=1e-4)

@@ -13,7 +13,8 @@ What a profile changes (each measured in bench/NOTES.md; none changes what is le
   - each LoRA layer as one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale) instead of peft's clone/mul/add.
   - speed: no gradient checkpointing, the effective batch in as few micro-batches as free memory allows (estimated
     for Falcon-7B's widths: conservative for smaller models), fused torch AdamW instead of paged bnb AdamW 32-bit.
-  - memory: gradient checkpointing kept, the reference's micro-batch split, narrower tiles in TRL's fused LM head.
+  - memory: gradient checkpointing kept, its layer inputs in pinned host memory (offload.py), so micro-batches of up
+    to MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head.
 Generation, eval of padded batches and non-Falcon models fall through to the stock code paths.
 """
 from __future__ import annotations
@@ -81,18 +82,23 @@ def micro_batch_for(cfg: RunConfig, free_bytes: int, effective: int | None = Non
     return 0
 
 
+MEMORY_ROWS = 8  # rows per micro-batch of the memory profile (with offloading; measured in bench/RESULTS.md)
+
+
 @dataclass
 class Plan:
     profile: str
     micro_batch: int
     accumulation: int
     checkpointing: bool
+    offload: bool = False  # checkpointed layer inputs in pinned host memory
 
 
 def plan(cfg: RunConfig, profile: str, free_bytes: int | None = None, micro_batch: int | None = None,
-         accumulation: int | None = None) -> Plan:
+         accumulation: int | None = None, offload: bool = True) -> Plan:
     """Micro-batch split and checkpointing for a profile; the effective batch (micro_batch x accumulation, per
-    process: the config's unless given) never changes."""
+    process: the config's unless given) never changes. offload=False: the memory profile without offloading keeps
+    the config's split."""
     mb0 = micro_batch or cfg.per_device_train_batch_size
     ga0 = accumulation or cfg.gradient_accumulation_steps
     if profile == "speed":
@@ -104,13 +110,17 @@ def plan(cfg: RunConfig, profile: str, free_bytes: int | None = None, micro_batc
             return Plan(profile, mb0, ga0, cfg.gradient_checkpointing)
         return Plan(profile, mb, mb0 * ga0 // mb, False)
     if profile == "memory":
-        return Plan(profile, mb0, ga0, True)
+        if not offload:
+            return Plan(profile, mb0, ga0, True)
+        mb = max(m for m in range(1, min(MEMORY_ROWS, mb0 * ga0) + 1) if (mb0 * ga0) % m == 0)
+        return Plan(profile, mb, mb0 * ga0 // mb, True, offload=True)
     return Plan(profile, mb0, ga0, cfg.gradient_checkpointing)
 
 
 # ------------------------------------------------------------------------------------------ applying a profile
 PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim")
-PROFILE_PARTS = {"speed": PARTS, "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks")}
+PROFILE_PARTS = {"speed": PARTS,
+                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload")}
 HEAD_CHUNK = 8192  # vocabulary columns per tile of TRL's fused LM head in the memory profile (TRL: 32768)
 
 
@@ -130,10 +140,12 @@ def apply_profile(cfg: RunConfig, model, args, tokenizer=None, profile: str | No
         return model, args, {}
     parts = PROFILE_PARTS[profile] if parts is None else tuple(parts)
     changes = {}
+    offload = "offload" in parts
     if "split" in parts:
-        p = plan(cfg, profile, free_bytes, get("per_device_train_batch_size"), get("gradient_accumulation_steps"))
+        p = plan(cfg, profile, free_bytes, get("per_device_train_batch_size"), get("gradient_accumulation_steps"),
+                 offload=offload)
         changes = dict(per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.accumulation,
-                       gradient_checkpointing=p.checkpointing)
+                       gradient_checkpointing=p.checkpointing, activation_checkpointing=p.checkpointing)
         if not p.checkpointing and hasattr(model, "disable_input_require_grads"):
             try:  # only checkpointing needs the embedding output to require grad; it costs layer 0's input grad
                 model.disable_input_require_grads()
@@ -141,11 +153,21 @@ def apply_profile(cfg: RunConfig, model, args, tokenizer=None, profile: str | No
                 pass
     if "optim" in parts and getattr(get("optim"), "value", get("optim")) == "paged_adamw_32bit" and _cuda():
         changes["optim"] = _optim_name("adamw_torch_fused", isinstance(args, dict))
+    if offload and (changes.get("gradient_checkpointing") if "split" in parts else get("gradient_checkpointing")):
+        # reentrant checkpointing saves each layer's input through autograd's saved-tensor hooks (offload.py);
+        # the non-reentrant kind keeps it in a closure, out of the hooks' reach
+        kw = {**(get("gradient_checkpointing_kwargs") or {}), "use_reentrant": True}
+        changes.update(gradient_checkpointing_kwargs=kw, activation_checkpointing_kwargs=kw)
+        from .offload import offload_layer_inputs
+        offload_layer_inputs(model)
     if isinstance(args, dict):
-        args = {**args, **changes}
+        args = {**args, **{k: v for k, v in changes.items() if not k.startswith("activation_")}}
     else:
         for k, v in changes.items():
-            setattr(args, k, v)
+            # transformers >= 5.20 reads activation_checkpointing*; gradient_checkpointing* are aliases resolved
+            # only when the arguments are built, so both names are set
+            if not k.startswith("activation_") or hasattr(args, k):
+                setattr(args, k, v)
     if "attention" in parts:
         patch_falcon_attention(model)
     if "norms" in parts and (get("bf16") or get("fp16")):
@@ -250,8 +272,10 @@ def _compute_dtype(base):
 
 def remove_profile(model) -> None:
     """Undo every patch of apply_profile (the benchmark reuses one base model)."""
+    from .offload import remove_offload
     if _HEAD_CHUNK_DEFAULT:
         _set_head_chunk(None)
+    remove_offload(model)
     for m in _base(model).modules():
         if hasattr(m, "_fq_hook"):
             m._fq_hook.remove()
