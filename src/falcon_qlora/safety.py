@@ -43,11 +43,11 @@ def safe_trainer_class(base):
 
     class SafeTrainer(base):
         _staging_dir = None
-        _pending_grad_norm = None  # (value, step) of the last optimizer step, checked at the next sync point
         run_config = None  # the RunConfig, for messages (set by train.build_trainer)
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
+            self._pending = []  # (what, host copy, CUDA event, step): values not checked yet (see _defer)
             scrub_args(self.args)
             # A non-finite loss stops the run (below), so Trainer's filter, which would log around it and train on,
             # is not needed; turning it off also drops its own host sync, so the check below costs nothing extra.
@@ -57,33 +57,49 @@ def safe_trainer_class(base):
             return self._staging_dir or super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model, trial):
-            self._check_grad_norm()  # never save weights a non-finite gradient has updated
+            self._check_all()  # never save weights a non-finite gradient has updated
             save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
 
         def training_step(self, model, inputs, *a, **kw):
             loss = super().training_step(model, inputs, *a, **kw)
-            self._check_grad_norm()
-            # Per micro-batch, before the update. One process only: under DDP a NaN reaches every rank through the
-            # gradient all-reduce and the gradient norm check stops all of them, so no rank waits on one that left.
+            self._check_pending()
+            # One process only: under DDP a NaN reaches every rank through the gradient all-reduce and the gradient
+            # norm check stops all of them, so no rank waits on one that left.
             if self.args.world_size == 1:
-                check_finite("loss", loss, self, self.run_config)
+                self._defer("loss", loss, self.state.global_step + 1)
             return loss
 
         def _get_grad_norm(self, model, grad_norm=None):  # called just before optimizer.step()
             grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-            # Reading it now would stall the GPU before every optimizer step (~8 % on a 4 x 4 step); it is read at
-            # the next micro-batch, where the loss is read anyway, or before a save / the end of training.
-            self._pending_grad_norm = (grad_norm, self.state.global_step + 1)
+            self._defer("grad_norm", grad_norm, self.state.global_step + 1)
             return grad_norm
 
-        def _check_grad_norm(self):
-            if self._pending_grad_norm is not None:
-                (value, step), self._pending_grad_norm = self._pending_grad_norm, None
-                check_finite("grad_norm", value, self, self.run_config, step=step)
+        def _defer(self, what, value, step):
+            """Check `value` once the GPU has computed it, without making the host wait for the GPU: reading it
+            right away would stall the GPU after every micro-batch (~8 % of a 4 x 4 step, bench/RESULTS.md). The
+            value is copied to the host behind an event and checked at a later micro-batch, before any checkpoint
+            is saved, and at the end of training."""
+            import torch
+            if not (isinstance(value, torch.Tensor) and value.is_cuda):
+                check_finite(what, value, self, self.run_config, step=step)
+                return
+            host = value.detach().float().reshape(()).to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending.append((what, host, done, step))
+
+        def _check_pending(self, wait=False):
+            while self._pending and (wait or self._pending[0][2].query()):
+                what, host, done, step = self._pending.pop(0)
+                done.synchronize()
+                check_finite(what, host, self, self.run_config, step=step)
+
+        def _check_all(self):  # before a save and at the end: every value computed so far
+            self._check_pending(wait=True)
 
         def train(self, *a, **kw):
             out = super().train(*a, **kw)
-            self._check_grad_norm()  # the last step's
+            self._check_all()  # the last step's
             return out
 
     if not hasattr(base, "_get_grad_norm"):  # transformers moved its hook: say so rather than guard nothing
