@@ -226,8 +226,12 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
 
 
 def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps=8, warm=3, prof_step=None,
-                grab_grads=False, randomize_b=False, flops_lengths=None, peak_tflops=None, **over):
-    """One training run through the package's path on the shared 4-bit base; the base is restored afterwards."""
+                grab_grads=False, randomize_b=False, flops_lengths=None, peak_tflops=None, trainer_parts=None,
+                memory_rows=None, args_over=None, **over):
+    """One training run through the package's path on the shared 4-bit base; the base is restored afterwards.
+    parts: an ablation through TRL's plain SFTTrainer. trainer_parts / memory_rows: `falcon-qlora train`'s trainer
+    (build_trainer) with profiles.PROFILE_PARTS[profile] / profiles.MEMORY_ROWS replaced for this run.
+    args_over: SFTConfig fields set after the profile (ablations only)."""
     from datasets import Dataset
     from transformers.trainer_utils import set_seed
     from trl import SFTTrainer
@@ -248,11 +252,22 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
     ds = Dataset.from_list(rows)
     if parts is None:  # a profile as users get it: falcon_qlora.train.build_trainer applies it
         from falcon_qlora.train import build_trainer
-        trainer = build_trainer(cfg, model, tok, ds, None, callbacks=cbs)
+        saved = P.PROFILE_PARTS.get(profile), P.MEMORY_ROWS
+        if trainer_parts is not None:
+            P.PROFILE_PARTS[profile] = tuple(trainer_parts)
+        P.MEMORY_ROWS = memory_rows or P.MEMORY_ROWS
+        try:
+            trainer = build_trainer(cfg, model, tok, ds, None, callbacks=cbs)
+        finally:
+            if saved[0] is not None:
+                P.PROFILE_PARTS[profile] = saved[0]
+            P.MEMORY_ROWS = saved[1]
         model, args, extra = trainer.model, trainer.args, {"data_collator": None} if _padding_free(trainer) else {}
     else:  # an ablation: the same steps as build_trainer, with a subset of the profile's changes
         args = sft_config(cfg, tok, resolve_compute_dtype(cfg))
         model, args, extra = P.apply_profile(cfg, model, args, tok, profile, parts=parts)
+        for k, v in (args_over or {}).items():
+            setattr(args, k, v)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=cbs, **extra)
         for p in trainer.model.parameters():  # as falcon_qlora.train.build_trainer: fp32 LoRA master weights
             if p.requires_grad and p.dtype != torch.float32:
@@ -277,6 +292,7 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
     res = {"profile": profile, "parts": list(parts) if parts is not None else None,
            "micro_batch": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
            "checkpointing": args.gradient_checkpointing, "packing": cfg.packing,
+           "offload": any(hasattr(m, "_fq_offload") for m in model.modules()) or bool(getattr(args, "activation_offloading", False)),
            "padding_free": "data_collator" in extra or cfg.packing, "steps": steps, "train_s": round(time.time() - t, 1)}
     if err:
         res["error"] = err
@@ -348,6 +364,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--budget-s", type=float, default=540, help="skip the remaining variants after this long")
     ap.add_argument("--no-ceilings", action="store_true", help="skip the matmul/attention microbenchmarks")
+    ap.add_argument("--build-only", action="store_true", help="write the random Falcon-7B to --model-dir and stop")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +382,7 @@ def main() -> None:
         pass
     if torch.cuda.is_available():
         RESULTS["env"]["gpu"] = torch.cuda.get_device_name()
-    if torch.cuda.is_available() and not a.no_ceilings:
+    if torch.cuda.is_available() and not (a.no_ceilings or a.build_only):
         try:
             RESULTS["ceilings"] = ceilings()
         except Exception as err:  # noqa: BLE001
@@ -378,6 +395,8 @@ def main() -> None:
     if not (model_dir / "config.json").is_file():
         (build_tiny if tiny else build_falcon7b)(model_dir)
         log("built", model_dir)
+    if a.build_only:
+        return
     from falcon_qlora.config import load_config
     from falcon_qlora.model import count_linear4bit, load_base_model, load_tokenizer
     BASE_OVER.update(model_name_or_path=str(model_dir), output_dir="/tmp/bench-run", save_steps=100000,
@@ -420,10 +439,18 @@ def main() -> None:
     from falcon_qlora import profiles as P
     mem_mb8 = dict(profile="memory", per_device_train_batch_size=8, gradient_accumulation_steps=2,
                    parts=P.PROFILE_PARTS["memory"] + ("bf16_residual",))
+    no_offload = tuple(x for x in P.PROFILE_PARTS["memory"] if x != "offload")
     V = [  # name, rows, kwargs; the ablations last (skipped first if time runs short)
         ("reference", full, dict(profile="reference", steps=steps_long)),
         ("speed", full, dict(profile="speed", steps=steps_long, prof_step=prof)),
         ("memory", full, dict(profile="memory", steps=steps)),
+        # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
+        ("memory_16x1", full, dict(profile="memory", steps=steps, memory_rows=16)),
+        ("memory_4x4", full, dict(profile="memory", steps=steps, trainer_parts=no_offload)),
+        # TRL's own activation offloading (SFTConfig.activation_offloading) instead of falcon_qlora.offload
+        ("memory_8x2_trl_offload", full, dict(profile="memory", steps=steps, parts=no_offload,
+                                              per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                                              args_over={"activation_offloading": True})),
         ("memory_mb8", full, dict(steps=steps, **mem_mb8)),
         ("chat_reference", chat, dict(profile="reference", steps=steps)),
         ("chat_speed", chat, dict(profile="speed", steps=steps)),
@@ -435,6 +462,7 @@ def main() -> None:
                                         parts=tuple(x for x in P.PARTS if x != "optim"))),
         # the memory profile without falcon_qlora's SafeTrainer (NaN checks): same parts, plain SFTTrainer
         ("memory_plain_trainer", full, dict(profile="memory", steps=steps, parts=P.PROFILE_PARTS["memory"])),
+        ("memory_4x4_plain_trainer", full, dict(profile="memory", steps=steps, parts=no_offload)),
     ]
     G = [("reference", dict(profile="reference")), ("speed", dict(profile="speed")),
          ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
