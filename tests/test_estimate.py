@@ -87,3 +87,75 @@ def test_cli_table_and_json(capsys):
     assert "peak cuda memory" in table and "batch 16 x 512" in table
     assert cli(["--config", "reference", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == 6_921_720_704
+
+
+def test_cli_models_the_assumed_gpu(capsys):
+    """--gpu_memory: auto resolves for that GPU; the table has one row per profile; --json carries the rows."""
+    from falcon_qlora.errors import UserError
+    from falcon_qlora.estimate import cli
+    assert cli(["--config", "reference", "--gpu_memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "profile speed (auto, 80 GiB free assumed): micro-batch 16 x 1" in out
+    assert cli(["--config", "reference", "--gpu_memory", "80", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["profiles"]
+    assert [r["profile"] for r in rows] == ["reference", "memory", "speed"]
+    assert rows[1]["offload"] and rows[1]["host_bytes"] > 0 and rows[2]["micro_batch"] == 16
+    with pytest.raises(UserError, match="--gpu_memory"):
+        cli(["--config", "reference", "--gpu_memory", "lots"])
+
+
+GiB = 2**30
+
+
+def test_profiles_at_the_reference_recipe():
+    """speed (no checkpointing) needs more GPU than the reference, memory (offloaded layer inputs) less."""
+    cfg = load_config("reference")
+    ref, mem = estimate(cfg, profile="reference"), estimate(cfg, profile="memory")
+    speed = estimate(cfg, profile="speed", free_bytes=80 * GiB)
+    assert (ref["micro_batch"], ref["accumulation"], ref["checkpointing"], ref["host_bytes"]) == (4, 4, True, 0)
+    assert speed["peak_bytes"] > ref["peak_bytes"] > mem["peak_bytes"]
+    assert not speed["checkpointing"] and mem["checkpointing"]
+    assert speed["optim"] == "adamw_torch_fused" and ref["optimizer_paged"]  # paged states: not in the GPU peak
+
+
+def test_speed_split_is_profiles_plan():
+    from falcon_qlora.profiles import plan
+    cfg = load_config("reference")
+    for free in (16 * GiB, 40 * GiB, 80 * GiB):
+        e, p = estimate(cfg, profile="speed", free_bytes=free), plan(cfg, "speed", free)
+        assert (e["micro_batch"], e["accumulation"], e["checkpointing"]) == (p.micro_batch, p.accumulation,
+                                                                            p.checkpointing)
+
+
+def test_auto_resolves_like_training():
+    """auto without a GPU and without an assumed one models the reference path; with one, speed or memory."""
+    cfg = load_config("reference")
+    assert estimate(cfg)["profile"] == "reference"
+    assert estimate(cfg, device="cpu", free_bytes=80 * GiB)["profile"] == "reference"
+    assert estimate(cfg, free_bytes=80 * GiB)["profile"] == "speed"
+    assert estimate(cfg, free_bytes=12 * GiB)["profile"] == "memory"
+
+
+def test_offload_moves_layer_inputs_to_host():
+    """The same split with and without offloading: the checkpointed inputs leave the GPU for pinned host memory."""
+    cfg = load_config("reference")
+    on = estimate(cfg, profile="memory", split=(8, 2, True, False))
+    off = estimate(cfg, profile="memory", split=(8, 2, True, True))
+    inputs = 32 * 8 * 512 * 4544 * 4  # 32 layers x tokens x hidden, fp32 residual stream
+    assert on["host_bytes"] == 0 and off["host_bytes"] >= inputs
+    assert on["peak_bytes"] - off["peak_bytes"] > 0.8 * inputs
+
+
+def test_speed_profile_peak_on_cpu(wide_falcon, long_rows, tmp_path):
+    """profile=speed on a CPU (padding-free rows, Falcon attention through SDPA per row, single-GEMM LoRA; the
+    split and checkpointing stay: no GPU memory to plan with) peaks within 15% of the estimate."""
+    cfg = make_config(**tiny_overrides(wide_falcon, long_rows, tmp_path, max_steps=2, eval_split=None,
+                                       gradient_checkpointing=False, max_length=192, per_device_train_batch_size=2,
+                                       profile="speed"))
+    measured = measure_training_peak(cfg)
+    est = estimate(cfg, device="cpu")
+    ref = estimate(cfg, device="cpu", profile="reference")
+    print(f"speed: estimated {est['peak_bytes']:,} (reference path {ref['peak_bytes']:,}) measured {measured:,} "
+          f"ratio {est['peak_bytes'] / measured:.3f}")
+    assert est["profile"] == "speed" and est["peak_bytes"] < ref["peak_bytes"]
+    assert abs(est["peak_bytes"] / measured - 1) < 0.15, (est, measured)

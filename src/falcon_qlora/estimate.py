@@ -13,6 +13,7 @@ tests/test_estimate.py holds it to within 15% of peaks measured on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -38,6 +39,7 @@ BUILTIN_CONFIGS = {"tiiuae/falcon-7b": _FALCON_7B, "tiiuae/falcon-7b-instruct": 
                    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M}
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768   # trl.kernels.chunked_logprob: the loss is computed on such tiles
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OFFLOAD_MIN = 1 << 20  # offload.MIN_BYTES: smaller saved tensors stay on the GPU
 
 
 def model_config(name: str):
@@ -75,7 +77,7 @@ def model_shapes(config) -> dict:
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_hidden_size", None) or 4 * h
     return dict(model_type=config.model_type, params=sum(params.values()), linears=linears, hidden=h, heads=heads,
                 kv_heads=kv, head_dim=head_dim, ffn=ffn, layers=config.num_hidden_layers, vocab=config.vocab_size,
-                gated_mlp=any(n == "gate_proj" for n, _, _ in linears),
+                alibi=bool(getattr(config, "alibi", False)), gated_mlp=any(n == "gate_proj" for n, _, _ in linears),
                 multi_query=config.model_type == "falcon" and not config.new_decoder_architecture
                 and bool(config.multi_query),
                 expand_kv=config.model_type == "falcon" and bool(config.new_decoder_architecture))
@@ -104,36 +106,45 @@ def optimizer_bytes_per_param(optim: str) -> float:
 
 
 def _lora_saved(cfg: RunConfig, name: str, dim: int, d: int, shared: bool) -> int:
-    """Bytes per token that a LoRA branch keeps for backward: its (fp32) input, the dropout mask, A's output."""
+    """Bytes per token that a LoRA branch keeps for backward: its input as A's GEMM sees it, the dropout mask,
+    A's output. Under autocast (d < 4) A runs in d, so the d-byte cast copy is what is kept, not the fp32 input."""
     if name not in cfg.lora_target_modules:
         return 0
-    lb = 4  # falcon-qlora keeps LoRA weights in fp32; peft casts the input to their dtype
+    mask = dim if cfg.lora_dropout > 0 else 0
+    if d < 4:
+        return dim * d + mask + cfg.lora_r * d
+    lb = 4  # fp32 run: falcon-qlora keeps LoRA weights in fp32
     if cfg.lora_dropout > 0:
-        x = dim * lb + dim  # dropout output + bool mask
-    elif d != lb:
-        x = dim * lb        # the cast copy
+        x = dim * lb          # the dropout output
     else:
         x = 0 if shared else dim * d  # the input itself; `shared`: already kept by another consumer
-    return x + cfg.lora_r * lb
+    return x + mask + cfg.lora_r * lb
 
 
-def layer_activation_bytes(sh: dict, cfg: RunConfig, seq: int, d: int, cuda: bool) -> int:
-    """Bytes per token one decoder layer keeps for backward (no checkpointing)."""
+def layer_activation_bytes(sh: dict, cfg: RunConfig, seq: int, d: int, cuda: bool, fused_attention: bool = False,
+                           norm_bytes: int = 4, residual_bytes: int = 4) -> int:
+    """Bytes per token one decoder layer keeps for backward (no checkpointing). d: the compute dtype's bytes (< 4:
+    autocast). norm_bytes: Falcon's LayerNorm output (fp32 under autocast; d with the profiles' norm patch), which
+    sets the dtype of everything after it. fused_attention: the profiles' Falcon attention (SDPA flash per row).
+    residual_bytes: Falcon's residual stream, fp32 (autocast's LayerNorm output feeds every residual add)."""
     h, ffn, n, hd = sh["hidden"], sh["ffn"], sh["heads"], sh["head_dim"]
     plain_x = cfg.lora_dropout == 0 and d == 4  # LoRA A keeps the very input tensor
     lo = lambda name, dim, shared=False: _lora_saved(cfg, name, dim, d, shared)  # noqa: E731
-    if sh["multi_query"]:  # one K/V head: SDPA takes its math path, in fp32: q, expanded k and v, probabilities
+    kv = h if sh["expand_kv"] or sh["gated_mlp"] else sh["kv_heads"] * hd
+    if fused_attention:  # q, k, v (multi-query K/V expanded as views), output, log-sum-exp; no probabilities
+        attn = 2 * h * d + 2 * sh["kv_heads"] * hd * d + n * 4
+    elif sh["multi_query"]:  # one K/V head: SDPA takes its math path, in fp32: q, expanded k and v, probabilities
         attn = 3 * h * 4 + n * seq * 4
     else:  # a fused kernel keeps q, k, v, output, log-sum-exp and the additive padding mask
         # Falcon-40B's block expands K/V to every head; transformers repeats Llama's K/V heads when masked
-        kv = h if sh["expand_kv"] or sh["gated_mlp"] else sh["kv_heads"] * hd
         attn = 2 * h * d + 2 * kv * d + n * 4 + seq * (d if cuda else 4)
     if sh["model_type"] == "falcon":
+        nb = norm_bytes
         n_ln = 2 if sh["expand_kv"] else 1
-        ln = h * d + 8 * n_ln
-        ln_out = h * d * n_ln if plain_x else 0
+        ln = residual_bytes * h * n_ln + 8 * n_ln  # LayerNorm keeps its input
+        ln_out = h * nb * n_ln if plain_x else 0
         return (ln + ln_out + lo("query_key_value", h, True) + lo("dense_h_to_4h", h, True) + attn
-                + lo("dense", h) + ffn * d + lo("dense_4h_to_h", ffn))
+                + lo("dense", h) + ffn * nb + lo("dense_4h_to_h", ffn))
     # Llama family: two RMSNorms (each keeps an fp32 copy of its input), SwiGLU MLP
     norms = 2 * (h * 4 + 4)
     norm_out = 2 * h * d if plain_x else 0
@@ -148,18 +159,56 @@ def compute_bytes(cfg: RunConfig, cuda: bool) -> int:
     return DTYPE_BYTES[cfg.compute_dtype]
 
 
-def estimate(cfg: RunConfig, device: str = "cuda") -> dict:
+def resolve(cfg: RunConfig, device: str = "cuda", profile: str | None = None, free_bytes: int | None = None):
+    """(profile, why): the profile a run of cfg would take, as `train` resolves it."""
+    import torch
+    from .profiles import micro_batch_for, resolve_profile
+    profile = profile or cfg.profile
+    if profile != "auto":
+        return profile, "as configured"
+    gpu = device == "cuda" and torch.cuda.is_available()
+    if device != "cuda" or (free_bytes is None and not gpu):
+        return "reference", f"auto on {'a CPU' if device != 'cuda' else 'no known GPU'} (--gpu_memory to assume one)"
+    if gpu:
+        return resolve_profile(RunConfig(**{**cfg.__dict__, "profile": "auto"}), free_bytes), "auto, this GPU"
+    # resolve_profile answers "reference" on a machine without a GPU; this is its rule for an assumed one
+    eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    mb = micro_batch_for(cfg, free_bytes)
+    return ("speed" if mb >= min(4, eff) else "memory"), f"auto, {free_bytes / GiB:.0f} GiB free assumed"
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(name: str) -> dict:
+    return model_shapes(model_config(name))
+
+
+def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, free_bytes: int | None = None, *,
+             parts=None, split: tuple | None = None) -> dict:
     """Peak training memory on one device (bytes) and the disk the run's checkpoints take, from the config alone.
 
     Peak = base weights (4-bit linears + the rest in the compute dtype) + LoRA weights, gradients and optimizer
-    state (fp32) + activations of one micro-batch of rows at max_length: every layer's kept tensors (or only each
-    layer's input with gradient checkpointing, plus one layer recomputed), and the loss head's tiles.
+    state (fp32; paged states live in unified memory, outside torch's count) + activations of one micro-batch of
+    rows at max_length (also padding-free: the worst case): every layer's kept tensors (or only each layer's input
+    with gradient checkpointing, on the host when offloaded, plus one layer recomputed), and the loss head's tiles.
+    profile: None -> cfg.profile; auto resolves as training does (free_bytes: the GPU's free memory to assume).
     device: "cuda" (what a GPU run needs) or "cpu" (how the tests measure it: fp32, no fused kernels).
+    parts, split (the benchmark's variants): the profile's changes (profiles.PROFILE_PARTS) and an exact
+    (micro_batch, accumulation, checkpointing, offload) instead of profiles.plan's.
     """
+    from .profiles import HEAD_CHUNK, PROFILE_PARTS, Plan, plan
     cuda = device == "cuda"
-    sh = model_shapes(model_config(cfg.model_name_or_path))
+    profile, why = resolve(cfg, device, profile, free_bytes)
+    parts = set(PROFILE_PARTS.get(profile, ()) if parts is None else parts)
+    p = Plan(profile, *split) if split else plan(cfg, profile, free_bytes)
+    offload = bool(getattr(p, "offload", False)) and p.checkpointing and (split is not None or "offload" in parts)
+    sh = _shapes(cfg.model_name_or_path)
     d = compute_bytes(cfg, cuda)
-    b, s, h, L = cfg.per_device_train_batch_size, cfg.max_length, sh["hidden"], sh["layers"]
+    falcon = sh["model_type"] == "falcon"
+    fused = "attention" in parts and falcon and not sh["alibi"]
+    norms = "norms" in parts and falcon and d < 4  # norm outputs in the compute dtype (bf16/fp16 only)
+    nb = d if norms else 4
+    res = d if not falcon or (norms and "bf16_residual" in parts) else 4  # residual stream bytes (Falcon: fp32)
+    b, s, h, L = p.micro_batch, cfg.max_length, sh["hidden"], sh["layers"]
     T, Tn = b * s, b * (s - 1)  # tokens in a micro-batch; positions that predict a next token
     sizes = [i * o for _, i, o in sh["linears"]]
     linear_params = sum(sizes)
@@ -172,27 +221,55 @@ def estimate(cfg: RunConfig, device: str = "cuda") -> dict:
     if lora == 0:
         raise UserError(f"lora_target_modules {cfg.lora_target_modules} match no linear layer of "
                         f"{cfg.model_name_or_path} (its layers: {sorted({n for n, _, _ in sh['linears']})})")
-    lora_b, grads, optim = 4 * lora, 4 * lora, int(optimizer_bytes_per_param(cfg.optim) * lora)
-    static = weights + lora_b + grads + optim
+    optim_name = "adamw_torch_fused" if "optim" in parts and cuda and cfg.optim == "paged_adamw_32bit" else cfg.optim
+    paged = cuda and "paged" in optim_name  # bitsandbytes' paged states: unified memory, not torch's allocator
+    lora_b, grads, optim = 4 * lora, 4 * lora, int(optimizer_bytes_per_param(optim_name) * lora)
+    static = weights + lora_b + grads + (0 if paged else optim)
 
-    layer = layer_activation_bytes(sh, cfg, s, d, cuda) * T
+    layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res) * T
     dequant = max(sizes) * d if cfg.load_in_4bit else 0  # one weight dequantized at a time, forward and backward
-    layer_bwd = 2 * T * max(sh["ffn"] * 4, sh["heads"] * s * 4 if sh["multi_query"] else 0) + dequant
-    kept = L * T * h * d if cfg.gradient_checkpointing else L * layer
-    inputs = T * (3 * 8 + 2 * sh["head_dim"] * 4)  # ids, labels, mask; rotary cos/sin
-    head_kept = T * h * d + Tn * h * d  # final norm input; the flattened hidden states the loss keeps
-    tile = min(Tn, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * d  # TRL's logits tile (full width even for small vocabs)
-    cpu_tiles = 0 if cuda else 5 * min(Tn, TRL_TOKEN_TILE) * min(sh["vocab"], TRL_VOCAB_TILE) * 4
+    probs = sh["heads"] * s * 4 if sh["multi_query"] and not fused else 0
+    layer_bwd = 2 * T * max(sh["ffn"] * (nb if falcon else 4), probs) + dequant
+    res0 = res if norms else d  # layer 0's input: the embedding output (the norm patch upcasts it to fp32)
+    inputs_kept = T * h * (res0 + (L - 1) * res)
+    rot = T * sh["head_dim"] * 4  # one of rotary cos/sin, passed to every checkpointed layer
+    host = (inputs_kept + T * h * res + (2 * L * rot if rot >= OFFLOAD_MIN else 0)) if offload else 0
+    kept = (0 if offload else inputs_kept) if p.checkpointing else L * layer
+    inputs = T * 3 * 8 + 2 * rot  # ids, labels, mask; rotary cos/sin
+    # the final norm's input (on the host when offloaded) and the flattened hidden states the loss keeps
+    head_kept = (0 if offload else T * h * res) + Tn * h * d
+    vocab_tile = HEAD_CHUNK if "head_chunks" in parts else TRL_VOCAB_TILE
+    tile = min(Tn, TRL_TOKEN_TILE) * vocab_tile * d  # TRL's logits tile (full width even for small vocabs)
+    cpu_tiles = 0 if cuda else 5 * min(Tn, TRL_TOKEN_TILE) * min(sh["vocab"], vocab_tile) * 4
     loss_phase = head_kept + tile + Tn * h * 4 + cpu_tiles  # + fp32 gradient of the hidden states
-    layer_phase = layer + layer_bwd if cfg.gradient_checkpointing else layer_bwd
+    back = 2 * T * h * res if offload else 0  # the layer input copied back, and the next one on its way
+    layer_phase = layer + layer_bwd + back if p.checkpointing else layer_bwd
     activations = inputs + kept + max(loss_phase, layer_phase)
-    out = dict(model=cfg.model_name_or_path, device=device, compute_bytes=d, params=sh["params"],
+    out = dict(model=cfg.model_name_or_path, device=device, profile=profile, profile_reason=why,
+               micro_batch=p.micro_batch, accumulation=p.accumulation, checkpointing=p.checkpointing,
+               offload=offload, optim=optim_name, compute_bytes=d, params=sh["params"],
                quantized_params=linear_params if cfg.load_in_4bit else 0, lora_params=lora,
                weights_bytes=weights, lora_bytes=lora_b, grad_bytes=grads, optimizer_bytes=optim,
-               activation_bytes=activations, peak_bytes=static + activations,
-               tokens_per_micro_batch=T, layer_activation_bytes=layer)
+               optimizer_paged=paged, activation_bytes=activations, peak_bytes=static + activations,
+               host_bytes=host, tokens_per_micro_batch=T, layer_activation_bytes=layer)
     out.update(disk_estimate(cfg, lora))
     return out
+
+
+PROFILE_ORDER = ("reference", "memory", "speed")
+
+
+def profile_table(cfg: RunConfig, free_bytes: list[int]) -> list[dict]:
+    """One row per profile (speed once per assumed free GPU memory): split, checkpointing, peak GPU and host."""
+    rows, picks = [], {f: resolve(cfg, "cuda", "auto", f)[0] for f in free_bytes}
+    for name in PROFILE_ORDER:
+        for free in (free_bytes if name == "speed" else free_bytes[:1]):
+            e = estimate(cfg, "cuda", name, free)
+            auto = [f for f in (free_bytes if name != "speed" else [free]) if picks[f] == name]
+            rows.append(dict(profile=name, free_bytes=free if name == "speed" else None, auto_at=auto,
+                             **{k: e[k] for k in ("micro_batch", "accumulation", "checkpointing", "offload",
+                                                  "peak_bytes", "host_bytes")}))
+    return rows
 
 
 def measure_training_peak(cfg: RunConfig, train_dataset=None) -> int:
@@ -262,45 +339,86 @@ def _tokenizer_bytes(name: str) -> int:
     return sum(p.stat().st_size for p in files) if files else 3 * 2 ** 20  # Falcon's tokenizer.json is ~2.7 MB
 
 
-def render(est: dict, cfg: RunConfig) -> str:
+def render(est: dict, cfg: RunConfig, table: list[dict] | None = None) -> str:
     g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
-    ckpt = "on" if cfg.gradient_checkpointing else "off"
+    ckpt = "on" if est["checkpointing"] else "off"
+    paged = "  (paged: unified memory, not counted below)" if est["optimizer_paged"] else ""
     lines = [
         f"{est['model']}: {est['params'] / 1e9:.2f} B parameters, {est['quantized_params'] / 1e9:.2f} B of them in "
         f"{'4-bit' if cfg.load_in_4bit else 'full precision'}; LoRA r={cfg.lora_r}: {est['lora_params']:,} trainable",
+        f"profile {est['profile']} ({est['profile_reason']}): micro-batch {est['micro_batch']} x "
+        f"{est['accumulation']} accumulation, checkpointing {ckpt}"
+        + (", layer inputs offloaded to host memory" if est["offload"] else ""),
         f"  base weights                {g(est['weights_bytes'])}",
         f"  LoRA weights (fp32)         {g(est['lora_bytes'])}",
         f"  gradients (fp32)            {g(est['grad_bytes'])}",
-        f"  optimizer state ({cfg.optim}) {g(est['optimizer_bytes'])}",
-        f"  activations                 {g(est['activation_bytes'])}   (batch {cfg.per_device_train_batch_size} x "
+        f"  optimizer state ({est['optim']}) {g(est['optimizer_bytes'])}{paged}",
+        f"  activations                 {g(est['activation_bytes'])}   (batch {est['micro_batch']} x "
         f"{cfg.max_length} tokens, checkpointing {ckpt})",
         f"  peak {est['device']} memory           {g(est['peak_bytes'])}",
+    ]
+    if est["host_bytes"]:
+        lines.append(f"  pinned host memory          {g(est['host_bytes'])}   (offloaded layer inputs)")
+    lines.append("  (rows at max_length, the worst case from the config alone: the padding-free rows of speed and "
+                 "memory need less when they are shorter)")
+    lines.append(
         f"disk: {est['checkpoints_written']} checkpoints of {est['checkpoint_bytes'] / GiB:.2f} GiB written "
         f"(every {cfg.save_steps} of {cfg.max_steps} steps), {est['checkpoints_kept']} kept "
         f"(save_total_limit={cfg.save_total_limit}): {est['disk_bytes'] / GiB:.2f} GiB with the final adapter, "
-        f"{est['disk_peak_bytes'] / GiB:.2f} GiB at the peak",
-    ]
+        f"{est['disk_peak_bytes'] / GiB:.2f} GiB at the peak")
+    if table:
+        lines += ["", "profile    GPU free   micro-batch x accum  checkpointing   peak GPU   pinned host"]
+        for r in table:
+            free = f"{r['free_bytes'] / GiB:5.0f} GiB" if r["free_bytes"] is not None else "    any  "
+            ck = ("on, offload" if r["offload"] else "on") if r["checkpointing"] else "off"
+            lines.append(f"{r['profile']:<10} {free}  {r['micro_batch']:>6} x {r['accumulation']:<6}      "
+                         f"{ck:<14}{r['peak_bytes'] / GiB:7.2f} GiB {r['host_bytes'] / GiB:8.2f} GiB"
+                         + ("   <- auto" + (f" at {', '.join(f'{f / GiB:.0f}' for f in r['auto_at'])} GiB free"
+                                             if r["profile"] != "speed" else "") if r["auto_at"] else ""))
     return "\n".join(lines)
 
 
+def _take(argv: list[str], flag: str) -> str | None:
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    value = argv[i + 1] if i + 1 < len(argv) else ""
+    del argv[i:i + 2]
+    return value
+
+
 def cli(argv: list[str]) -> int:
-    """`falcon-qlora estimate [--config PRESET_OR_YAML] [--key value ...] [--device cuda|cpu] [--json]`"""
+    """`falcon-qlora estimate [--config PRESET_OR_YAML] [--key value ...] [--profile auto|reference|speed|memory]
+    [--gpu_memory GIB] [--device cuda|cpu] [--json]`"""
     argv = list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(cli.__doc__.strip("`") + "\n\nEstimates GPU memory and checkpoint disk of a training run from its "
-              "config (same keys as `falcon-qlora train`), without downloading the model.")
+              "config (same keys as `falcon-qlora train`), without downloading the model, for the profile the run "
+              "would take, plus a table of all three profiles. --gpu_memory: the free GPU memory to assume for "
+              "auto/speed (default: this GPU's, else 16 and 80 GiB).")
         return 0
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
-    device = "cuda"
-    if "--device" in argv:
-        i = argv.index("--device")
-        device = argv[i + 1] if i + 1 < len(argv) else ""
-        if device not in ("cuda", "cpu"):
-            raise UserError(f"--device {device!r}: use cuda or cpu")
-        del argv[i:i + 2]
+    device = _take(argv, "--device") or "cuda"
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"--device {device!r}: use cuda or cpu")
+    gib = _take(argv, "--gpu_memory")
+    try:
+        free = [int(float(gib) * GiB)] if gib is not None else None
+    except ValueError:
+        raise UserError(f"--gpu_memory {gib!r}: give the free GPU memory in GiB, e.g. --gpu_memory 40") from None
+    if free is None:
+        import torch
+        free = [torch.cuda.mem_get_info()[0]] if torch.cuda.is_available() else [16 * GiB, 80 * GiB]
     from .train import parse_args
     cfg = parse_args(argv)
-    est = estimate(cfg, device=device)
-    print(json.dumps(est, indent=2) if as_json else render(est, cfg), file=sys.stdout)
+    est = estimate(cfg, device=device, free_bytes=free[0] if gib is not None else None)
+    table = profile_table(cfg, free)
+    if as_json:
+        print(json.dumps({**est, "profiles": table}, indent=2))
+    else:
+        print(render(est, cfg, table))
+        if gib is None and len(free) > 1:
+            print("(no GPU here: speed rows assume 16 GiB free (a T4) and 80 GiB (an A100/H100); --gpu_memory GIB "
+                  "to assume another)")
     return 0
