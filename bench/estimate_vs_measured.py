@@ -30,8 +30,9 @@ def falcon_rows():
             parts = v.get("parts")
             offload = bool(v.get("offload", "offload" in (parts or ())))
             split = (v["micro_batch"], v["accumulation"], v["checkpointing"], offload)
-            yield (f"Falcon-7B `{name}`", cfg, v["profile"], parts, split, v["peak_alloc_GiB"],
-                   f"{path.name}: variants.{name}")
+            trl = offload and parts is not None and "offload" not in parts  # TRL's activation_offloading
+            label = f"Falcon-7B `{name}`" + (" (TRL's offloading, modelled as falcon-qlora's)" if trl else "")
+            yield label, cfg, v["profile"], parts, split, v["peak_alloc_GiB"], f"{path.name}: variants.{name}"
 
 
 def _demo_entries(obj, key=None):
@@ -57,7 +58,7 @@ def demo_rows():
             split = None
             if "micro_batch" in e:
                 split = (e["micro_batch"], e["accumulation"], e["checkpointing"], bool(e.get("offload", False)))
-            where = path.name + (f": {key}" if key else "")
+            where = path.name + (f": {key}" if key else " (peak over the whole demo: eval and generation too)")
             yield (f"demo preset, SmolLM2-135M, `{profile}` (max_length {cfg.max_length})", cfg, profile,
                    e.get("parts"), split, e["peak_allocated_gib"], where)
 

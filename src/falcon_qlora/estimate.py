@@ -201,6 +201,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     parts = set(PROFILE_PARTS.get(profile, ()) if parts is None else parts)
     p = Plan(profile, *split) if split else plan(cfg, profile, free_bytes)
     offload = bool(getattr(p, "offload", False)) and p.checkpointing and (split is not None or "offload" in parts)
+    plan_offload = offload
     sh = _shapes(cfg.model_name_or_path)
     d = compute_bytes(cfg, cuda)
     falcon = sh["model_type"] == "falcon"
@@ -231,6 +232,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     probs = sh["heads"] * s * 4 if sh["multi_query"] and not fused else 0
     layer_bwd = 2 * T * max(sh["ffn"] * (nb if falcon else 4), probs) + dequant
     res0 = res if norms else d  # layer 0's input: the embedding output (the norm patch upcasts it to fp32)
+    offload = offload and T * h * res >= OFFLOAD_MIN  # smaller layer inputs stay on the GPU (offload.MIN_BYTES)
     inputs_kept = T * h * (res0 + (L - 1) * res)
     rot = T * sh["head_dim"] * 4  # one of rotary cos/sin, passed to every checkpointed layer
     host = (inputs_kept + T * h * res + (2 * L * rot if rot >= OFFLOAD_MIN else 0)) if offload else 0
@@ -247,7 +249,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     activations = inputs + kept + max(loss_phase, layer_phase)
     out = dict(model=cfg.model_name_or_path, device=device, profile=profile, profile_reason=why,
                micro_batch=p.micro_batch, accumulation=p.accumulation, checkpointing=p.checkpointing,
-               offload=offload, optim=optim_name, compute_bytes=d, params=sh["params"],
+               offload=plan_offload, optim=optim_name, compute_bytes=d, params=sh["params"],
                quantized_params=linear_params if cfg.load_in_4bit else 0, lora_params=lora,
                weights_bytes=weights, lora_bytes=lora_b, grad_bytes=grads, optimizer_bytes=optim,
                optimizer_paged=paged, activation_bytes=activations, peak_bytes=static + activations,
@@ -348,7 +350,7 @@ def render(est: dict, cfg: RunConfig, table: list[dict] | None = None) -> str:
         f"{'4-bit' if cfg.load_in_4bit else 'full precision'}; LoRA r={cfg.lora_r}: {est['lora_params']:,} trainable",
         f"profile {est['profile']} ({est['profile_reason']}): micro-batch {est['micro_batch']} x "
         f"{est['accumulation']} accumulation, checkpointing {ckpt}"
-        + (", layer inputs offloaded to host memory" if est["offload"] else ""),
+        + (", offloading layer inputs to host memory" if est["offload"] else ""),
         f"  base weights                {g(est['weights_bytes'])}",
         f"  LoRA weights (fp32)         {g(est['lora_bytes'])}",
         f"  gradients (fp32)            {g(est['grad_bytes'])}",
@@ -359,6 +361,8 @@ def render(est: dict, cfg: RunConfig, table: list[dict] | None = None) -> str:
     ]
     if est["host_bytes"]:
         lines.append(f"  pinned host memory          {g(est['host_bytes'])}   (offloaded layer inputs)")
+    elif est["offload"]:
+        lines.append("  (layer inputs under 1 MiB stay on the GPU: offloading moves nothing here)")
     lines.append("  (rows at max_length, the worst case from the config alone: the padding-free rows of speed and "
                  "memory need less when they are shorter)")
     lines.append(
