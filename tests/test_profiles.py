@@ -39,12 +39,13 @@ def _lora_grads(model, rows, padding_free: bool, micro_batch: int, dtype):
     batches = [collate([{"input_ids": r} for r in rows[i:i + micro_batch]]) for i in range(0, len(rows), micro_batch)]
     n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
     model.zero_grad()
+    device = next(model.parameters()).device  # the CPU here; a GPU where one is present
     for b in batches:
-        b = {k: v for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        b = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**b, use_cache=False, num_items_in_batch=n_items).loss
         loss.backward()
-    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rel_err(a: dict, b: dict) -> float:
