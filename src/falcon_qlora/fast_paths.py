@@ -1,0 +1,209 @@
+"""The profiles' faster code paths for Falcon, each a per-instance patch that profiles.remove_profile undoes.
+
+    norms_in_compute_dtype(model)   # layer-norm outputs in bf16/fp16 (computed in fp32), residual stream kept fp32
+    patch_falcon_attention(model)   # padding-free rows through SDPA's fused kernels, one causal block per row
+    patch_lora_forward(model)       # each LoRA layer as one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale)
+
+Each computes what the stock code computes (tests/test_profiles.py checks the gradients); generation, padded eval
+batches and non-Falcon models fall through to the stock forwards.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+
+def unwrap(model):
+    """The transformers model under a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+# ------------------------------------------------------------------------------- layer norms in compute dtype
+def norms_in_compute_dtype(model, residual_fp32: bool = True) -> int:
+    """Cast the decoder layers' layer-norm outputs to the 4-bit layers' compute dtype (what every consumer casts
+    them to anyway). residual_fp32: keep the residual stream in fp32, as autocast leaves it in the reference, by
+    upcasting the embedding output. Returns the number of norms hooked."""
+    import torch
+    base = unwrap(model)
+    dtype = _compute_dtype(base)
+    if dtype is None or dtype == torch.float32:
+        return 0
+    n = 0
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) and "forward" not in module.__dict__:
+            # the final norm feeds the LM head, which autocast runs from fp32 in the reference: keep it so
+            module._fq_dtype = dtype if ".h." in f".{name}" else torch.float32
+            module.forward = types.MethodType(_norm_forward, module)
+            n += 1
+    emb = base.get_input_embeddings()
+    if residual_fp32 and not hasattr(emb, "_fq_hook"):
+        emb._fq_hook = emb.register_forward_hook(lambda m, i, out: out.float())
+    return n
+
+
+def _norm_forward(self, x):
+    """Layer norm computed in fp32 (as autocast does on a GPU), output in the compute dtype."""
+    import torch
+    import torch.nn.functional as F
+    w = None if self.weight is None else self.weight.float()
+    b = None if self.bias is None else self.bias.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(self._fq_dtype)
+
+
+_norm_forward._fq_patched = True
+
+
+def _compute_dtype(base):
+    for m in base.modules():
+        if hasattr(m, "compute_dtype") and m.compute_dtype is not None:
+            return m.compute_dtype
+    return next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+
+
+# ------------------------------------------------------------------------------------------- Falcon attention
+def patch_falcon_attention(model) -> int:
+    """Route Falcon's training attention through segment_attention. Generation (a cache), alibi models and
+    output_attentions keep the stock code. Returns the number of attention modules patched."""
+    try:
+        from transformers.models.falcon.modeling_falcon import FalconAttention
+    except ImportError:
+        return 0
+    n = 0
+    for m in unwrap(model).modules():
+        if isinstance(m, FalconAttention) and "forward" not in m.__dict__:
+            m.forward = types.MethodType(_falcon_attention_forward, m)
+            n += 1
+    return n
+
+
+def _falcon_attention_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                              use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+    stock = type(self).forward
+    if (alibi is not None or layer_past is not None or output_attentions or position_ids is None
+            or hidden_states.shape[0] != 1 or hidden_states.shape[1] < 2 or position_embeddings is None):
+        return stock(self, hidden_states, alibi, attention_mask, position_ids=position_ids, layer_past=layer_past,
+                     use_cache=use_cache, output_attentions=output_attentions,
+                     position_embeddings=position_embeddings, **kwargs)
+    seg = segments(position_ids)
+    if seg is None:
+        return stock(self, hidden_states, alibi, attention_mask, position_ids=position_ids, layer_past=layer_past,
+                     use_cache=use_cache, output_attentions=output_attentions,
+                     position_embeddings=position_embeddings, **kwargs)
+    q, k, v = self._split_heads(self.query_key_value(hidden_states))  # (1, T, heads, d) each
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (1, heads, T, d)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    out = segment_attention(q, k, v, seg)  # (1, T, heads * d)
+    return self.dense(out), None
+
+
+_falcon_attention_forward._fq_patched = True
+
+
+@dataclass
+class Segments:
+    """Rows laid end to end: row i is tokens [starts[i], starts[i] + lengths[i]). index (rows, L) gathers them into
+    a padded (rows, L) block; flat picks each token back out of the flattened block."""
+    n: int
+    max_len: int
+    total: int
+    index: object
+    flat: object
+    equal: bool = False  # all rows the same length: a reshape, no gather
+
+
+_SEG_CACHE: list = [None, None]  # (position_ids tensor, Segments): one host sync per forward, not per layer
+
+
+def segments(position_ids):
+    """position_ids (1, T) restarting at 0 for each row -> Segments, or None if it is not such a layout."""
+    import torch
+    if _SEG_CACHE[0] is position_ids:
+        return _SEG_CACHE[1]
+    pos = position_ids[0]
+    total = pos.numel()
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        seg = None
+    else:
+        ends = torch.cat([starts[1:], starts.new_tensor([total])])
+        lengths = ends - starts
+        max_len = int(lengths.max())
+        ar = torch.arange(max_len, device=pos.device)
+        index = (starts[:, None] + ar[None, :]).clamp(max=total - 1)
+        valid = ar[None, :] < lengths[:, None]
+        flat = (torch.arange(starts.numel(), device=pos.device)[:, None] * max_len + ar[None, :])[valid]
+        seg = Segments(starts.numel(), max_len, total, index, flat, equal=max_len * starts.numel() == total)
+    _SEG_CACHE[0], _SEG_CACHE[1] = position_ids, seg
+    return seg
+
+
+def segment_attention(q, k, v, seg: Segments):
+    """Causal attention within each row only. q (1, H, T, d); k, v (1, Hkv, T, d) with H % Hkv == 0.
+    One row: SDPA directly. Several: gather the rows into a padded block, SDPA with is_causal (each row's padding
+    sits after its real tokens, so real queries never see it), and pick the real tokens back out."""
+    import torch
+    import torch.nn.functional as F
+    h, d = q.shape[1], q.shape[-1]
+    if torch.is_autocast_enabled(q.device.type):  # cast K/V before expanding them to all heads, not after
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if seg.n == 1:
+        o = F.scaled_dot_product_attention(q, *_heads(k, v, h), is_causal=True)  # (1, H, T, d)
+        return o.transpose(1, 2).reshape(1, seg.total, h * d)
+    if seg.equal:  # (1, heads, T, d) -> (rows, heads, L, d) without copying the real tokens around
+        qb, kb, vb = (x.transpose(1, 2).reshape(seg.n, seg.max_len, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+    else:
+        qb, kb, vb = (x[0][:, seg.index].transpose(0, 1) for x in (q, k, v))  # (rows, heads, L, d)
+    o = F.scaled_dot_product_attention(qb, *_heads(kb, vb, h), is_causal=True)
+    o = o.transpose(1, 2).reshape(seg.n * seg.max_len, h * d)
+    return (o if seg.equal else o[seg.flat]).unsqueeze(0)
+
+
+KV_EXPAND = True  # multi-query K/V: expand views to all heads (False: materialise them)
+
+
+def _heads(k, v, h):
+    if k.shape[1] == h:
+        return k, v
+    if KV_EXPAND:
+        return k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1)
+    return k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // v.shape[1], 1)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA forward
+def patch_lora_forward(model) -> int:
+    """peft computes a LoRA layer as result.clone() + (B(A(dropout(x))) * scale): three full-width passes over
+    the output. Fold them into one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale), same math."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and "forward" not in m.__dict__:
+            m.forward = types.MethodType(_lora_forward, m)
+            n += 1
+    return n
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    import torch
+    names = self.active_adapters
+    a = names[0] if len(names) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or a not in self.lora_A
+            or a in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(a, False)
+            or self.lora_B[a].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[a], self.lora_B[a]
+    result = self.base_layer(x)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    h = lora_a(self.lora_dropout[a](x if autocast else x.to(lora_a.weight.dtype)))
+    with torch.autocast(x.device.type, enabled=False):
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                          lora_b.weight.to(result.dtype).t(), alpha=self.scaling[a])
+    return out.view(result.shape)
+
+
+_lora_forward._fq_patched = True
