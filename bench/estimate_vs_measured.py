@@ -5,9 +5,11 @@
 Each estimate is computed for exactly what the run did: its profile, the profile parts it applied, its micro-batch
 split, checkpointing and offloading (recorded per variant by bench/speed.py). Compared: every variant of
 raw/h200_run*.json on rows of 512 tokens (the Falcon-7B job: the reference recipe, random weights), and the demo
-preset per profile (raw/h200_demo*.json). Left out: the chat-length variants, whose rows are shorter than
-max_length (the estimate is the worst case of rows at max_length, so it is not a check there).
-Nothing is fitted: the estimate counts what autograd keeps (src/falcon_qlora/estimate.py).
+preset per profile, each measured in its own process (raw/h200_demo_run5.json; what is live at each of those
+peaks: raw/h200_demo_memory_*.json). Left out, because their rows are much shorter than max_length (the estimate is
+the worst case of rows at max_length, so it is not a check there): the chat-length variants, and raw/h200_demo.json
+(the demo's peak when its preset had max_length 96; its rows are at most 77 tokens).
+Nothing is fitted: the estimate counts what autograd keeps (src/falcon_qlora/estimate.py, estimate_activations.py).
 """
 import json
 import sys
@@ -17,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 RAW = Path(__file__).parent / "raw"
 GiB = 2 ** 30
 H200_FREE = 139 * GiB  # what `auto` saw on the H200 (resolves to speed)
-OLD_DEMO_MAX_LENGTH = 96  # raw/h200_demo.json ran the demo preset when its max_length was 96
 
 
 def falcon_rows():
@@ -51,14 +52,16 @@ def _demo_entries(obj, key=None):
 def demo_rows():
     from falcon_qlora.config import load_config
     for path in sorted(RAW.glob("h200_demo*.json")):
+        if path.name == "h200_demo.json":  # max_length 96 against rows of at most 77 tokens: not a check
+            continue
         for key, e in _demo_entries(json.loads(path.read_text())):
             profile = e.get("profile") or (key if key in ("reference", "speed", "memory") else "speed")
-            max_length = e.get("max_length") or (OLD_DEMO_MAX_LENGTH if path.name == "h200_demo.json" else None)
+            max_length = e.get("max_length")
             cfg = load_config("demo", **({"max_length": max_length} if max_length else {}))
             split = None
             if "micro_batch" in e:
                 split = (e["micro_batch"], e["accumulation"], e["checkpointing"], bool(e.get("offload", False)))
-            where = path.name + (f": {key}" if key else " (peak over the whole demo: eval and generation too)")
+            where = path.name + (f": {key}" if key else "")
             yield (f"demo preset, SmolLM2-135M, `{profile}` (max_length {cfg.max_length})", cfg, profile,
                    e.get("parts"), split, e["peak_allocated_gib"], where)
 

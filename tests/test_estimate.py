@@ -10,6 +10,7 @@ from tiny import build_tokenizer, guanaco_rows, write_jsonl
 
 from falcon_qlora.config import load_config, make_config
 from falcon_qlora.estimate import estimate, measure_training_peak, quantized_bytes
+from falcon_qlora.profiles import PROFILE_PARTS
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,87 @@ def test_speed_profile_peak_on_cpu(wide_falcon, long_rows, tmp_path):
           f"ratio {est['peak_bytes'] / measured:.3f}")
     assert est["profile"] == "speed" and est["peak_bytes"] < ref["peak_bytes"]
     assert abs(est["peak_bytes"] / measured - 1) < 0.15, (est, measured)
+
+
+def test_cublas_workspaces_are_a_per_process_constant(monkeypatch):
+    """Two cuBLAS workspaces (the training thread's and autograd's), torch's default size or CUBLAS_WORKSPACE_CONFIG's;
+    none on a CPU."""
+    from falcon_qlora.estimate_activations import cublas_workspace_bytes
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert cublas_workspace_bytes((9, 0)) == cublas_workspace_bytes(None) == 32 * 2**20  # Hopper: ":4096:8"
+    assert cublas_workspace_bytes((8, 0)) == 2 * 4096 * 1024 + 8 * 16 * 1024          # ":4096:2:16:8"
+    cfg = load_config("demo")
+    default, cpu = estimate(cfg, "cuda", "reference"), estimate(cfg, "cpu", "reference")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    small = estimate(cfg, "cuda", "reference")
+    assert default["peak_bytes"] - small["peak_bytes"] == 2 * (32 * 2**20 - 16 * 1024 * 8)
+    assert cpu["peak_bytes"] == estimate(cfg, "cpu", "reference")["peak_bytes"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lora_weight_copies_kept_under_autocast(fused):
+    """Under bf16 autocast the GEMMs of a LoRA branch keep bf16 copies of its weights: A and B in peft's forward, and
+    in profiles' single-GEMM forward B too when the layer's output is bf16 (as from this nn.Linear base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from falcon_qlora.estimate_activations import lora_weight_copies
+    from falcon_qlora.profiles import patch_lora_forward
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(32, 48, bias=False)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj"]))
+    if fused:
+        assert patch_lora_forward(model) == 1
+    lora_shapes = {tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
+    saved = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and tuple(t.shape) in lora_shapes | {s[::-1] for s in lora_shapes}:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(3, 32, requires_grad=True))  # an activation: a gradient flows to it
+    sh = dict(linears=[("q_proj", 32, 48)], layers=1)
+    assert sum(saved.values()) == lora_weight_copies(sh, load_config("demo", lora_r=4), 2, fused, 2) == 4 * 80 * 2
+
+
+def test_llama_mlp_runs_in_fp32_under_the_profiles_norm_patch():
+    """profiles' norm patch upcasts the embedding output for any model: a Llama's RMSNorm then returns fp32 and its
+    MLP runs in fp32 (bf16 without it), which is what estimate counts for the demo's speed and memory profiles."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from falcon_qlora.profiles import norms_in_compute_dtype
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    seen = []
+    model.model.layers[0].mlp.act_fn.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+        norms_in_compute_dtype(model)
+        model(ids)
+    assert seen == [torch.bfloat16, torch.float32]
+    cfg, G = load_config("demo"), 2**30
+    speed = estimate(cfg, "cuda", "speed", 80 * G)
+    no_norms = estimate(cfg, "cuda", "speed", 80 * G, parts=[p for p in PROFILE_PARTS["speed"] if p != "norms"])
+    ffn, T = 1536, speed["tokens_per_micro_batch"]
+    assert speed["layer_activation_bytes"] - no_norms["layer_activation_bytes"] >= 3 * ffn * 2 * T
+
+
+def test_gradients_without_accumulation_are_not_held_at_the_loss_head():
+    """Without accumulation the LoRA gradients are None until backward reaches the layers (Trainer zeroes them to
+    None): the demo's peak (at TRL's loss head) holds none; with accumulation they are held through the step."""
+    cfg = load_config("demo")
+    one = estimate(cfg, "cuda", "reference")
+    two = estimate(cfg, "cuda", "reference", split=(4, 2, False, False))
+    assert one["accumulation"] == 1 and two["accumulation"] == 2
+    assert two["peak_bytes"] - one["peak_bytes"] == one["grad_bytes"]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
+from .estimate_activations import (CUBLAS_THREADS, cublas_workspace_bytes, layer_activation_bytes,
+                                   lora_weight_copies)
 
 GiB = 2 ** 30
 # Shapes of the models a user is likely to estimate before downloading them (from their config.json files).
@@ -105,54 +107,6 @@ def optimizer_bytes_per_param(optim: str) -> float:
     return 8.0  # AdamW: two fp32 moments (paged or not)
 
 
-def _lora_saved(cfg: RunConfig, name: str, dim: int, d: int, shared: bool) -> int:
-    """Bytes per token that a LoRA branch keeps for backward: its input as A's GEMM sees it, the dropout mask,
-    A's output. Under autocast (d < 4) A runs in d, so the d-byte cast copy is what is kept, not the fp32 input."""
-    if name not in cfg.lora_target_modules:
-        return 0
-    mask = dim if cfg.lora_dropout > 0 else 0
-    if d < 4:
-        return dim * d + mask + cfg.lora_r * d
-    lb = 4  # fp32 run: falcon-qlora keeps LoRA weights in fp32
-    if cfg.lora_dropout > 0:
-        x = dim * lb          # the dropout output
-    else:
-        x = 0 if shared else dim * d  # the input itself; `shared`: already kept by another consumer
-    return x + mask + cfg.lora_r * lb
-
-
-def layer_activation_bytes(sh: dict, cfg: RunConfig, seq: int, d: int, cuda: bool, fused_attention: bool = False,
-                           norm_bytes: int = 4, residual_bytes: int = 4) -> int:
-    """Bytes per token one decoder layer keeps for backward (no checkpointing). d: the compute dtype's bytes (< 4:
-    autocast). norm_bytes: Falcon's LayerNorm output (fp32 under autocast; d with the profiles' norm patch), which
-    sets the dtype of everything after it. fused_attention: the profiles' Falcon attention (SDPA flash per row).
-    residual_bytes: Falcon's residual stream, fp32 (autocast's LayerNorm output feeds every residual add)."""
-    h, ffn, n, hd = sh["hidden"], sh["ffn"], sh["heads"], sh["head_dim"]
-    plain_x = cfg.lora_dropout == 0 and d == 4  # LoRA A keeps the very input tensor
-    lo = lambda name, dim, shared=False: _lora_saved(cfg, name, dim, d, shared)  # noqa: E731
-    kv = h if sh["expand_kv"] or sh["gated_mlp"] else sh["kv_heads"] * hd
-    if fused_attention:  # q, k, v (multi-query K/V expanded as views), output, log-sum-exp; no probabilities
-        attn = 2 * h * d + 2 * sh["kv_heads"] * hd * d + n * 4
-    elif sh["multi_query"]:  # one K/V head: SDPA takes its math path, in fp32: q, expanded k and v, probabilities
-        attn = 3 * h * 4 + n * seq * 4
-    else:  # a fused kernel keeps q, k, v, output, log-sum-exp and the additive padding mask
-        # Falcon-40B's block expands K/V to every head; transformers repeats Llama's K/V heads when masked
-        attn = 2 * h * d + 2 * kv * d + n * 4 + seq * (d if cuda else 4)
-    if sh["model_type"] == "falcon":
-        nb = norm_bytes
-        n_ln = 2 if sh["expand_kv"] else 1
-        ln = residual_bytes * h * n_ln + 8 * n_ln  # LayerNorm keeps its input
-        ln_out = h * nb * n_ln if plain_x else 0
-        return (ln + ln_out + lo("query_key_value", h, True) + lo("dense_h_to_4h", h, True) + attn
-                + lo("dense", h) + ffn * nb + lo("dense_4h_to_h", ffn))
-    # Llama family: two RMSNorms (each keeps an fp32 copy of its input), SwiGLU MLP
-    norms = 2 * (h * 4 + 4)
-    norm_out = 2 * h * d if plain_x else 0
-    qkv = lo("q_proj", h, True) + lo("k_proj", h, True) + lo("v_proj", h, True)
-    mlp = 3 * ffn * d + lo("gate_proj", h, True) + lo("up_proj", h, True) + lo("down_proj", ffn)
-    return norms + norm_out + qkv + attn + lo("o_proj", h) + mlp
-
-
 def compute_bytes(cfg: RunConfig, cuda: bool) -> int:
     if cfg.compute_dtype == "auto":
         return 2 if cuda else 4  # bf16 (fp16 on a T4: the same size); fp32 on a CPU
@@ -208,7 +162,10 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     fused = "attention" in parts and falcon and not sh["alibi"]
     norms = "norms" in parts and falcon and d < 4  # norm outputs in the compute dtype (bf16/fp16 only)
     nb = d if norms else 4
-    res = d if not falcon or (norms and "bf16_residual" in parts) else 4  # residual stream bytes (Falcon: fp32)
+    # profiles.norms_in_compute_dtype upcasts the embedding output to fp32 for any model (Falcon: as autocast leaves
+    # its residual stream; a Llama's is bf16 without it, and fp32 with it, its RMSNorm outputs and MLP too)
+    hook = "norms" in parts and d < 4 and "bf16_residual" not in parts
+    res = (d if norms and not hook else 4) if falcon else (4 if hook else d)  # residual stream bytes
     b, s, h, L = p.micro_batch, cfg.max_length, sh["hidden"], sh["layers"]
     T, Tn = b * s, b * (s - 1)  # tokens in a micro-batch; positions that predict a next token
     sizes = [i * o for _, i, o in sh["linears"]]
@@ -225,13 +182,18 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     optim_name = "adamw_torch_fused" if "optim" in parts and cuda and cfg.optim == "paged_adamw_32bit" else cfg.optim
     paged = cuda and "paged" in optim_name  # bitsandbytes' paged states: unified memory, not torch's allocator
     lora_b, grads, optim = 4 * lora, 4 * lora, int(optimizer_bytes_per_param(optim_name) * lora)
-    static = weights + lora_b + grads + (0 if paged else optim)
+    # Trainer sets gradients to None after each optimizer step: without accumulation they are born in backward, layer
+    # by layer as the layers' activations die; none exist yet at the loss head, nearly all at layer 0's backward
+    held_grads = grads if p.accumulation > 1 else 0
+    static = weights + lora_b + held_grads + (0 if paged else optim)
 
-    layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res) * T
+    mask_len = T if "padding_free" in parts and not falcon else None  # one mask over the rows laid end to end
+    layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res, mask_len) * T
+    layer += lora_weight_copies(sh, cfg, d, "lora" in parts, nb if falcon else res)
     dequant = max(sizes) * d if cfg.load_in_4bit else 0  # one weight dequantized at a time, forward and backward
     probs = sh["heads"] * s * 4 if sh["multi_query"] and not fused else 0
     layer_bwd = 2 * T * max(sh["ffn"] * (nb if falcon else 4), probs) + dequant
-    res0 = res if norms else d  # layer 0's input: the embedding output (the norm patch upcasts it to fp32)
+    res0 = 4 if hook else d  # layer 0's input: the embedding output (the norm patch upcasts it to fp32)
     offload = offload and T * h * res >= OFFLOAD_MIN  # smaller layer inputs stay on the GPU (offload.MIN_BYTES)
     inputs_kept = T * h * (res0 + (L - 1) * res)
     rot = T * sh["head_dim"] * 4  # one of rotary cos/sin, passed to every checkpointed layer
@@ -246,7 +208,8 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     loss_phase = head_kept + tile + Tn * h * 4 + cpu_tiles  # + fp32 gradient of the hidden states
     back = 2 * T * h * res if offload else 0  # the layer input copied back, and the next one on its way
     layer_phase = layer + layer_bwd + back if p.checkpointing else layer_bwd
-    activations = inputs + kept + max(loss_phase, layer_phase)
+    workspaces = CUBLAS_THREADS * cublas_workspace_bytes(_capability()) if cuda else 0
+    activations = inputs + workspaces + max(kept + loss_phase, max(kept, grads - held_grads) + layer_phase)
     out = dict(model=cfg.model_name_or_path, device=device, profile=profile, profile_reason=why,
                micro_batch=p.micro_batch, accumulation=p.accumulation, checkpointing=p.checkpointing,
                offload=plan_offload, optim=optim_name, compute_bytes=d, params=sh["params"],
@@ -256,6 +219,12 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
                host_bytes=host, tokens_per_micro_batch=T, layer_activation_bytes=layer)
     out.update(disk_estimate(cfg, lora))
     return out
+
+
+def _capability():
+    """This GPU's compute capability, None without one (cublas_workspace_bytes then assumes Hopper's)."""
+    import torch
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
 PROFILE_ORDER = ("reference", "memory", "speed")
