@@ -162,9 +162,9 @@ def estimate(cfg: RunConfig, device: str = "cuda", profile: str | None = None, f
     fused = "attention" in parts and falcon and not sh["alibi"]
     norms = "norms" in parts and falcon and d < 4  # norm outputs in the compute dtype (bf16/fp16 only)
     nb = d if norms else 4
-    # profiles.norms_in_compute_dtype upcasts the embedding output to fp32 for any model (Falcon: as autocast leaves
-    # its residual stream; a Llama's is bf16 without it, and fp32 with it, its RMSNorm outputs and MLP too)
-    hook = "norms" in parts and d < 4 and "bf16_residual" not in parts
+    # fast_paths.norms_in_compute_dtype upcasts the embedding output to fp32 where it patched a LayerNorm (Falcon: as
+    # autocast leaves its residual stream); a Llama (RMSNorm) keeps its bf16 residual stream
+    hook = "norms" in parts and falcon and d < 4 and "bf16_residual" not in parts
     res = (d if norms and not hook else 4) if falcon else (4 if hook else d)  # residual stream bytes
     b, s, h, L = p.micro_batch, cfg.max_length, sh["hidden"], sh["layers"]
     T, Tn = b * s, b * (s - 1)  # tokens in a micro-batch; positions that predict a next token

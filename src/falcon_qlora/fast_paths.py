@@ -35,7 +35,8 @@ def norms_in_compute_dtype(model, residual_fp32: bool = True) -> int:
             module.forward = types.MethodType(_norm_forward, module)
             n += 1
     emb = base.get_input_embeddings()
-    if residual_fp32 and not hasattr(emb, "_fq_hook"):
+    # only where a LayerNorm was patched: a model without one (Llama's RMSNorm) keeps its stock residual dtype
+    if residual_fp32 and n and not hasattr(emb, "_fq_hook"):
         emb._fq_hook = emb.register_forward_hook(lambda m, i, out: out.float())
     return n
 
