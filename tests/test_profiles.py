@@ -128,18 +128,21 @@ def test_reference_profile_changes_nothing(tiny_falcon_7b_arch, tmp_path):
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
 
-def test_train_with_speed_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path):
-    """Through falcon_qlora.train (the package's path: TRL collator, fused LM head, Trainer's accumulation), the
-    speed profile's per-step losses are the reference profile's."""
+@pytest.mark.parametrize("profile,split", [("speed", (2, 2)), ("memory", (1, 4))])
+def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path, profile, split):
+    """Through falcon_qlora.train (the package's path: TRL collator, fused LM head, Trainer's accumulation), each
+    profile's per-step losses are the reference profile's; memory also takes bigger micro-batches (4 x 1 here) with
+    its layer inputs offloaded under reentrant checkpointing."""
     from falcon_qlora.train import train
     losses = {}
-    for profile in ("reference", "speed"):
-        cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / profile, max_steps=3,
-                                                 save_steps=100, eval_split=None, profile=profile,
-                                                 per_device_train_batch_size=2, gradient_accumulation_steps=2))
-        losses[profile] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
-    assert len(losses["speed"]) == 3
-    assert losses["speed"] == pytest.approx(losses["reference"], rel=1e-4)
+    for p in ("reference", profile):
+        cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / p, max_steps=3,
+                                                 save_steps=100, eval_split=None, profile=p,
+                                                 per_device_train_batch_size=split[0],
+                                                 gradient_accumulation_steps=split[1]))
+        losses[p] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
+    assert len(losses[profile]) == 3
+    assert losses[profile] == pytest.approx(losses["reference"], rel=1e-4)
 
 
 def test_profile_split_sets_both_checkpointing_names(tiny_falcon_7b_arch, tmp_path):
@@ -172,17 +175,3 @@ def test_offloaded_layer_inputs_give_the_same_gradients(tiny_falcon_7b_arch, tmp
     assert _rel_err(got, ref) < 1e-6
     remove_offload(model)
     assert "forward" not in model.get_base_model().transformer.__dict__
-
-
-def test_train_with_memory_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path):
-    """Through falcon_qlora.train, the memory profile (bigger micro-batches, offloaded reentrant checkpointing,
-    padding-free rows) logs the reference profile's per-step losses."""
-    from falcon_qlora.train import train
-    losses = {}
-    for profile in ("reference", "memory"):
-        cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / profile, max_steps=3,
-                                                 save_steps=100, eval_split=None, profile=profile,
-                                                 per_device_train_batch_size=1, gradient_accumulation_steps=4))
-        losses[profile] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
-    assert len(losses["memory"]) == 3
-    assert losses["memory"] == pytest.approx(losses["reference"], rel=1e-4)
