@@ -380,18 +380,29 @@ def cli(argv: list[str]) -> int:
         free = [int(float(gib) * GiB)] if gib is not None else None
     except ValueError:
         raise UserError(f"--gpu_memory {gib!r}: give the free GPU memory in GiB, e.g. --gpu_memory 40") from None
-    if free is None:
-        import torch
-        free = [torch.cuda.mem_get_info()[0]] if torch.cuda.is_available() else [16 * GiB, 80 * GiB]
     from .train import parse_args
     cfg = parse_args(argv)
-    est = estimate(cfg, device=device, free_bytes=free[0] if gib is not None else None)
-    table = profile_table(cfg, free)
     if as_json:
-        print(json.dumps({**est, "profiles": table}, indent=2))
+        est = estimate(cfg, device=device, free_bytes=free[0] if free else None)
+        print(json.dumps({**est, "profiles": profile_table(cfg, free or _free_bytes())}, indent=2))
     else:
-        print(render(est, cfg, table))
-        if gib is None and len(free) > 1:
-            print("(no GPU here: speed rows assume 16 GiB free (a T4) and 80 GiB (an A100/H100); --gpu_memory GIB "
-                  "to assume another)")
+        print(report(cfg, device, free))
     return 0
+
+
+def _free_bytes() -> list[int]:
+    import torch
+    return [torch.cuda.mem_get_info()[0]] if torch.cuda.is_available() else [16 * GiB, 80 * GiB]
+
+
+def report(cfg: RunConfig, device: str = "cuda", free_bytes: list[int] | None = None) -> str:
+    """What `falcon-qlora estimate` prints (the notebook shows it too): the run's profile in detail, then all three.
+    free_bytes: free GPU memory to plan with (default: this GPU's, else 16 and 80 GiB)."""
+    given = free_bytes is not None
+    free = free_bytes or _free_bytes()
+    est = estimate(cfg, device=device, free_bytes=free[0] if given else None)
+    text = render(est, cfg, profile_table(cfg, free))
+    if not given and len(free) > 1:
+        text += ("\n(no GPU here: speed rows assume 16 GiB free (a T4) and 80 GiB (an A100/H100); --gpu_memory GIB "
+                 "to assume another)")
+    return text
