@@ -65,3 +65,17 @@ def test_hub_check_is_quick_and_one_line_offline(monkeypatch):
     up, msg = doctor.hub_reachable(timeout=0.5)
     assert not up and "http://10.255.255.1" in msg and "\n" not in msg
     assert time.time() - t < 5
+
+
+def test_memory_profile_reports_its_pinned_host_memory(monkeypatch, tmp_path):
+    """The memory profile keeps each layer's input in pinned host RAM: doctor weighs that against the RAM available
+    (Falcon-7B at 8 rows of 512: 32 layers x 8 x 512 x 4544 fp32, ~2.2 GiB) and warns when it would not fit."""
+    cfg = load_config("reference", profile="memory", output_dir=str(tmp_path / "out"))
+    import re
+    line = next(m for s, m in doctor.check_memory_and_disk(cfg) if m.startswith("host memory"))
+    layer_inputs = 32 * 8 * 512 * 4544 * 4 / 2**30  # 2.22 GiB; the final norm's input and rotary tables add a little
+    assert layer_inputs <= float(re.search(r"~([\d.]+) GiB", line).group(1)) < 1.1 * layer_inputs
+    pages = {"SC_AVPHYS_PAGES": 2**30 // 4096, "SC_PAGE_SIZE": 4096}  # 1 GiB available
+    monkeypatch.setattr(doctor.os, "sysconf", lambda name: pages[name])
+    status, line = next((s, m) for s, m in doctor.check_memory_and_disk(cfg) if m.startswith("host memory"))
+    assert status == doctor.WARN and "profile=reference" in line

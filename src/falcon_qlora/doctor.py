@@ -129,7 +129,14 @@ def check_memory_and_disk(cfg: RunConfig) -> list[tuple[str, str]]:
         status = FAIL if need > total else WARN if need > free else OK
         out.append((status, f"GPU memory: the run needs ~{need / gib:.1f} GiB at its peak (falcon-qlora estimate), "
                     f"GPU 0 has {total / gib:.1f} GiB ({free / gib:.1f} free)"
-                    + ("; lower per_device_train_batch_size or set gradient_checkpointing" if status != OK else "")))
+                    + ("; try profile=memory, or lower per_device_train_batch_size" if status != OK else "")))
+    host = est.get("host_bytes") or 0
+    if host:  # the memory profile's offloaded layer inputs live in pinned host RAM
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        status = OK if host < 0.8 * avail else WARN
+        out.append((status, f"host memory: profile {est['profile']} keeps ~{host / gib:.1f} GiB of layer inputs in "
+                    f"pinned host RAM, {avail / gib:.1f} GiB available"
+                    + ("; close other programs or use profile=reference" if status != OK else "")))
     target = Path(cfg.output_dir).resolve()
     while not target.exists():
         target = target.parent
