@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
 from .estimate_activations import (CUBLAS_THREADS, cublas_workspace_bytes, layer_activation_bytes,
                                    lora_weight_copies)
+from .offload import MIN_BYTES as OFFLOAD_MIN  # smaller saved tensors stay on the GPU
 
 GiB = 2 ** 30
 # Shapes of the models a user is likely to estimate before downloading them (from their config.json files).
@@ -41,7 +41,6 @@ BUILTIN_CONFIGS = {"tiiuae/falcon-7b": _FALCON_7B, "tiiuae/falcon-7b-instruct": 
                    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M}
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768   # trl.kernels.chunked_logprob: the loss is computed on such tiles
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OFFLOAD_MIN = 1 << 20  # offload.MIN_BYTES: smaller saved tensors stay on the GPU
 
 
 def model_config(name: str):
@@ -116,19 +115,15 @@ def compute_bytes(cfg: RunConfig, cuda: bool) -> int:
 def resolve(cfg: RunConfig, device: str = "cuda", profile: str | None = None, free_bytes: int | None = None):
     """(profile, why): the profile a run of cfg would take, as `train` resolves it."""
     import torch
-    from .profiles import micro_batch_for, resolve_profile
+    from .profiles import resolve_profile
     profile = profile or cfg.profile
     if profile != "auto":
         return profile, "as configured"
     gpu = device == "cuda" and torch.cuda.is_available()
     if device != "cuda" or (free_bytes is None and not gpu):
         return "reference", f"auto on {'a CPU' if device != 'cuda' else 'no known GPU'} (--gpu_memory to assume one)"
-    if gpu:
-        return resolve_profile(RunConfig(**{**cfg.__dict__, "profile": "auto"}), free_bytes), "auto, this GPU"
-    # resolve_profile answers "reference" on a machine without a GPU; this is its rule for an assumed one
-    eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    mb = micro_batch_for(cfg, free_bytes)
-    return ("speed" if mb >= min(4, eff) else "memory"), f"auto, {free_bytes / GiB:.0f} GiB free assumed"
+    choice = resolve_profile(RunConfig(**{**cfg.__dict__, "profile": "auto"}), free_bytes)
+    return choice, ("auto, this GPU" if gpu else f"auto, {free_bytes / GiB:.0f} GiB free assumed")
 
 
 @functools.lru_cache(maxsize=8)

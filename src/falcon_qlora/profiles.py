@@ -33,7 +33,8 @@ GiB = 2**30
 # --------------------------------------------------------------------------------------------- choosing a profile
 def resolve_profile(cfg: RunConfig, free_bytes: int | None = None) -> str:
     """auto -> speed where the GPU holds the job without checkpointing at micro-batch >= 4, else memory;
-    reference on CPU (the profiles' kernels only pay on a GPU)."""
+    reference on CPU (the profiles' kernels only pay on a GPU). free_bytes: the GPU's free memory (default: this
+    GPU's); given without a GPU, it stands for an assumed one (what `estimate --gpu_memory` plans with)."""
     import os
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     if fsdp and cfg.profile in ("speed", "memory"):
@@ -43,7 +44,7 @@ def resolve_profile(cfg: RunConfig, free_bytes: int | None = None) -> str:
     if cfg.profile != "auto":
         return cfg.profile
     import torch
-    if fsdp or not torch.cuda.is_available():
+    if fsdp or (free_bytes is None and not torch.cuda.is_available()):
         return "reference"
     free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info()[0]
     mb = micro_batch_for(cfg, free)
@@ -77,10 +78,12 @@ def estimate_peak(cfg: RunConfig, tokens: int, dims: dict | None = None) -> floa
 def micro_batch_for(cfg: RunConfig, free_bytes: int, effective: int | None = None, dims: dict | None = None) -> int:
     """The largest divisor of the effective batch whose micro-batch fits in free_bytes (0 if none does)."""
     eff = effective or _effective_batch(cfg)
-    for mb in sorted((m for m in range(1, eff + 1) if eff % m == 0), reverse=True):
-        if estimate_peak(cfg, mb * cfg.max_length, dims) <= free_bytes:
-            return mb
-    return 0
+    return next((mb for mb in _divisors(eff) if estimate_peak(cfg, mb * cfg.max_length, dims) <= free_bytes), 0)
+
+
+def _divisors(n: int) -> list[int]:
+    """Micro-batch sizes that split n rows evenly, largest first."""
+    return [m for m in range(n, 0, -1) if n % m == 0]
 
 
 MEMORY_ROWS = 8  # rows per micro-batch of the memory profile (with offloading; measured in bench/RESULTS.md)
@@ -113,7 +116,7 @@ def plan(cfg: RunConfig, profile: str, free_bytes: int | None = None, micro_batc
     if profile == "memory":
         if not offload:
             return Plan(profile, mb0, ga0, True)
-        mb = max(m for m in range(1, min(MEMORY_ROWS, mb0 * ga0) + 1) if (mb0 * ga0) % m == 0)
+        mb = next(m for m in _divisors(mb0 * ga0) if m <= MEMORY_ROWS)
         return Plan(profile, mb, mb0 * ga0 // mb, True, offload=True)
     return Plan(profile, mb0, ga0, cfg.gradient_checkpointing)
 
