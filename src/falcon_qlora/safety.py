@@ -57,7 +57,7 @@ def safe_trainer_class(base):
             return self._staging_dir or super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model, trial):
-            self._check_all()  # never save weights a non-finite gradient has updated
+            self._check_pending(wait=True)  # never save weights a non-finite gradient has updated
             save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
 
         def training_step(self, model, inputs, *a, **kw):
@@ -94,12 +94,9 @@ def safe_trainer_class(base):
                 done.synchronize()
                 check_finite(what, host, self, self.run_config, step=step)
 
-        def _check_all(self):  # before a save and at the end: every value computed so far
-            self._check_pending(wait=True)
-
         def train(self, *a, **kw):
             out = super().train(*a, **kw)
-            self._check_all()  # the last step's
+            self._check_pending(wait=True)  # the last step's
             return out
 
     if not hasattr(base, "_get_grad_norm"):  # transformers moved its hook: say so rather than guard nothing
