@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,13 +25,14 @@ def where(frames) -> str:
     return f"{fmt(own)} | {fmt(nn)}"
 
 
-def live_at_peak(trace, start_us):
+def live_at_peak(trace):
+    """(largest allocated total in the trace, the blocks allocated at that moment)."""
     live, cur, peak, peak_i = {}, 0, -1, -1
     for i, e in enumerate(trace):
         if e["action"] == "alloc":
             live[e["addr"]] = e["size"]
             cur += e["size"]
-            if e.get("time_us", 0) >= start_us and cur > peak:
+            if cur > peak:
                 peak, peak_i = cur, i
         elif e["action"] == "free_completed" and e["addr"] in live:
             cur -= live.pop(e["addr"])
@@ -75,14 +75,12 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-        start = time.time() * 1e6
         peak = measure_training_peak(cfg)
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         trace = snap["device_traces"][torch.cuda.current_device()]
-        t0 = min((e["time_us"] for e in trace), default=0)
-        # training starts after the model is loaded: take the peak of the whole trace, which is in training
-        replay_peak, blocks = live_at_peak(trace, t0)
+        # the model is loaded inside the trace too; the largest total is in training (it matches the peak above)
+        replay_peak, blocks = live_at_peak(trace)
         groups = defaultdict(lambda: [0, 0])
         for b in blocks:
             g = groups[where(b.get("frames", []))]

@@ -1,6 +1,4 @@
 """The run config: reference defaults, presets, YAML round trip, CLI overrides, errors that name the key."""
-from pathlib import Path
-
 import pytest
 
 from falcon_qlora.config import PRESETS_DIR, ConfigError, RunConfig, load_config, save_run_config, to_dict

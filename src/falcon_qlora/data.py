@@ -90,7 +90,7 @@ def _pick(splits: dict, name: str, source: str):
 
 def load_dataset_splits(cfg: RunConfig, train_dataset=None, eval_dataset=None):
     """-> (train, eval or None), both validated. In-memory datasets win over cfg.dataset_name."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
     source = cfg.dataset_name
     if isinstance(train_dataset, DatasetDict):
         train_dataset, eval_dataset = (_pick(train_dataset, cfg.train_split, "in memory"),

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 
 from .config import RunConfig

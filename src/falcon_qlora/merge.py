@@ -54,7 +54,6 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
     shards, the tokenizer and a model card to `out`. Returns `out`."""
     import torch
     from peft import PeftModel
-    from .config import load_config
     from .model import load_adapter_model
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
