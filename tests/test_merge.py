@@ -15,9 +15,11 @@ def merged(tiny_adapter, tmp_path_factory):
 
 
 def _logits(model, tok, text=TEXT):
+    """fp32 logits on the CPU, whatever device the model sits on."""
     import torch
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits.float()
+        return model(**tok(text, return_tensors="pt").to(device)).logits.float().cpu()
 
 
 def test_merged_folder_loads_with_plain_transformers_and_matches(merged, tiny_adapter):
@@ -57,3 +59,44 @@ def test_refuses_a_non_empty_foreign_folder(tiny_adapter, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         merge(tiny_adapter, tmp_path)
+
+
+def test_the_check_runs_in_fp32_and_is_far_below_its_tolerance(merged):
+    import json
+    from falcon_qlora.merge import MARKER, TOLERANCE
+    err = json.loads((merged / MARKER).read_text())["max_relative_logit_error"]
+    assert err < TOLERANCE / 100
+
+
+def _wrong_merge(monkeypatch, wrong):
+    import falcon_qlora.merge as M
+    right = M.merged_model
+    monkeypatch.setattr(M, "merged_model", lambda base_model, adapter: wrong(right, base_model, adapter))
+
+
+def test_an_adapter_merged_at_twice_its_scale_is_refused(tiny_adapter, tmp_path, monkeypatch):
+    def doubled(right, base_model, adapter):
+        import torch
+        from peft import PeftModel
+        base_model.dequantize(dtype=torch.float32)
+        model = PeftModel.from_pretrained(base_model, str(adapter))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data *= 2
+        return model.merge_and_unload().float().eval()
+    _wrong_merge(monkeypatch, doubled)
+    with pytest.raises(UserError, match="merge is wrong, nothing was written"):
+        merge(tiny_adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_merged_into_another_base_of_the_same_shape_is_refused(tiny_adapter, tmp_path, monkeypatch):
+    from tiny import build_falcon
+    from falcon_qlora.config import load_config
+    from falcon_qlora.model import load_base_model
+    other = build_falcon(tmp_path / "other", new_decoder_architecture=False, seed=1)
+    _wrong_merge(monkeypatch, lambda right, base_model, adapter: right(
+        load_base_model(load_config(model_name_or_path=str(other), compute_dtype="fp32")), adapter))
+    with pytest.raises(UserError, match="merge is wrong"):
+        merge(tiny_adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,11 @@ MARKER = "falcon_qlora_merge.json"
 CHECK_TEXTS = ("### Human: What is QLoRA? ### Assistant:",
                "### Human: Write a haiku about the sea. ### Assistant: Waves fold into foam",
                "### Human: what is two plus three? ### Assistant: two plus three is five.")
-TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}  # relative L2 error of the logits
+# Relative L2 error of the logits allowed between the merged model and 4-bit base + adapter, both computed in fp32.
+# Measured floor: ~3e-7 on the CPU (tests/test_merge.py), see bench/RESULTS.md for a 7B shape on a GPU; an adapter
+# merged at twice its scale or into another base is orders of magnitude above it.
+TOLERANCE = 1e-4
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def adapter_digest(adapter: Path) -> str:
@@ -51,10 +55,13 @@ def _logits(model, tok, device):
 def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str | None = None,
           push_to_hub: str | None = None) -> Path:
     """Dequantize the 4-bit base, merge the adapter, check logits against base + adapter, then write safetensors
-    shards, the tokenizer and a model card to `out`. Returns `out`."""
+    shards, the tokenizer and a model card to `out`. Returns `out`.
+
+    The check runs in fp32 on both sides (the 4-bit layers compute in fp32 for the reference), so it measures the
+    merge and not the rounding of a bf16 forward; the merged weights are cast to `dtype` only afterwards."""
     import torch
-    from peft import PeftModel
-    from .model import load_adapter_model
+    from .config import make_config, to_dict
+    from .model import adapter_run_config, load_adapter_model, resolve_compute_dtype
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
         raise UserError(f"adapter folder {adapter} does not exist")
@@ -64,28 +71,43 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
         return out
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"{out} exists and is not empty: choose a new --out folder")
-    model, tok, cfg = load_adapter_model(adapter, base=base)  # 4-bit base + adapter, as trained
+    cfg = adapter_run_config(adapter)
+    name = dtype if dtype != "auto" else DTYPES[[torch.float32, torch.bfloat16, torch.float16].index(
+        resolve_compute_dtype(cfg))]
+    fp32 = make_config(**{**to_dict(cfg), "compute_dtype": "fp32"})
+    model, tok, _ = load_adapter_model(adapter, base=base, cfg=fp32)  # 4-bit base + adapter, computing in fp32
     device = next(p.device for p in model.parameters())
-    compute = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
     reference = _logits(model, tok, device)
-    base_model = model.unload()  # the 4-bit base again, adapter layers removed
-    base_model.dequantize(dtype=torch.float32)  # exact NF4 values, in fp32 so the merge adds no rounding
-    merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
-    name = dtype if dtype != "auto" else ("bf16" if compute == torch.bfloat16 else
-                                          "fp16" if compute == torch.float16 else "fp32")
+    merged = merged_model(model.unload(), adapter)
+    err = _relative_error(_logits(merged, tok, device), reference)
+    if not err < TOLERANCE:
+        raise UserError(f"merged logits differ from base + adapter by {err:.2g} (relative, both in fp32; allowed "
+                        f"{TOLERANCE:g}): the merge is wrong, nothing was written")
+    print(f"merged model matches base + adapter: relative logit error {err:.1e} (fp32, {len(CHECK_TEXTS)} inputs)")
     merged = merged.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name])
-    merged.eval()
-    got = _logits(merged, tok, device)
-    err = max(float((g - r).norm() / r.norm()) for g, r in zip(got, reference))
-    if not err < TOLERANCE[name]:
-        raise UserError(f"merged logits differ from base + adapter by {err:.2g} (relative; allowed "
-                        f"{TOLERANCE[name]:g} in {name}): nothing was written. Try --dtype fp32")
-    print(f"merged model matches base + adapter: relative logit error {err:.1e} ({name}, {len(CHECK_TEXTS)} inputs)")
+    if name != "fp32":
+        cast = _relative_error(_logits(merged, tok, device), reference)
+        print(f"saved in {name}: its rounding moves the logits by {cast:.1e} (relative)")
     _write(merged, tok, cfg, adapter, out, name, err)
     if push_to_hub:
         from .publish import publish
         publish(out, push_to_hub, cfg)
     return out
+
+
+def merged_model(base_model, adapter: Path):
+    """The 4-bit base dequantized to fp32 (exact NF4 values, so the merge adds no rounding), the adapter merged in."""
+    import torch
+    from peft import PeftModel
+    from .model import check_trainable_layout
+    check_trainable_layout(base_model, "dequantizing")
+    base_model.dequantize(dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
+    return merged.float().eval()
+
+
+def _relative_error(got, reference) -> float:
+    return max(float((g - r).norm() / r.norm()) for g, r in zip(got, reference))
 
 
 def _write(merged, tok, cfg, adapter: Path, out: Path, dtype: str, err: float) -> None:
@@ -111,7 +133,7 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="falcon-qlora merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder written by `falcon-qlora train`")
     p.add_argument("--out", required=True, help="folder for the merged model")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights of the merged model (auto: the training compute dtype)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder to this hub repo")

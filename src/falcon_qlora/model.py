@@ -149,6 +149,7 @@ def load_base_model(cfg: RunConfig, path: str | None = None, load_in_4bit: bool 
     check_targets(model, cfg.lora_target_modules)
     if quantize:
         assert_4bit(model, cfg.lora_target_modules)
+        keep_trainable_layout(model)
     if dtype == torch.float16:
         _norms_to_fp32(model)
     model.config.use_cache = False
@@ -166,6 +167,40 @@ def _norms_to_fp32(model):
 def count_linear4bit(model) -> int:
     import bitsandbytes as bnb
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def keep_trainable_layout(model) -> int:
+    """Turn off bitsandbytes' CPU repacking on every Linear4bit; returns how many layers there are.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a Linear4bit's weight into an inference-only layout the
+    first time the layer runs in eval mode without grad, and never undoes it. Training from that layout runs a
+    kernel without autograd (wrong gradients), dequantize() returns wrong weights, and bitsandbytes' own inverse
+    is lossy. The packed kernel computes in bf16 whatever the compute dtype, so eval and chat would also stop
+    matching training numerics: falcon-qlora keeps the trainable layout everywhere (bench/cpu_repack.py)."""
+    import bitsandbytes as bnb
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def repacked_layers(model) -> list[str]:
+    """Names of Linear4bit layers whose weight is in bitsandbytes' CPU inference layout (see keep_trainable_layout)."""
+    import bitsandbytes as bnb
+    return [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+            and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+
+
+def check_trainable_layout(model, action: str) -> None:
+    """The guard where training starts and where merge dequantizes: a repacked weight cannot be restored exactly,
+    so it stops the run, naming the layer. Otherwise repacking is turned off for whatever runs next."""
+    bad = repacked_layers(model)
+    if bad:
+        raise UserError(f"{len(bad)} 4-bit layers ({bad[0]}{', ...' if len(bad) > 1 else ''}) are in bitsandbytes' "
+                        f"CPU inference layout (repacked by an eval-mode forward on a CPU with AVX512-BF16); {action} "
+                        "from it would be wrong. Load the model with falcon_qlora.model.load_base_model (or call "
+                        "keep_trainable_layout(model) right after loading it) and run again")
+    keep_trainable_layout(model)
 
 
 def assert_4bit(model, target_modules: list[str]) -> int:
@@ -225,18 +260,23 @@ def trainable_summary(model) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
 
 
+def adapter_run_config(adapter_dir: str | Path) -> RunConfig:
+    """The run config saved beside an adapter (train writes it into every checkpoint and final/), else defaults."""
+    from .config import load_config
+    saved = Path(adapter_dir) / "run_config.yaml"
+    return load_config(saved) if saved.is_file() else load_config()
+
+
 def load_adapter_model(adapter_dir: str | Path, base: str | None = None, load_in_4bit: bool = True,
                        cfg: RunConfig | None = None):
     """Base (from the run config saved beside the adapter, unless given) + the adapter. -> (model, tok, cfg)."""
     from peft import PeftModel
-    from .config import load_config
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} has no adapter_config.json: pass the folder that `falcon-qlora train` "
                         "wrote (e.g. results/final or results/checkpoint-N)")
     if cfg is None:
-        saved = adapter_dir / "run_config.yaml"
-        cfg = load_config(saved) if saved.is_file() else load_config()
+        cfg = adapter_run_config(adapter_dir)
     if base is None:
         import json
         base = cfg.model_name_or_path if (adapter_dir / "run_config.yaml").is_file() else \

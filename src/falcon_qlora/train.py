@@ -172,7 +172,8 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     loaded from the config. Returns where things were written and the final metrics."""
     from transformers.trainer_utils import set_seed
     from . import data as D
-    from .model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype, trainable_summary
+    from .model import (attach_lora, check_trainable_layout, load_base_model, load_tokenizer,
+                        resolve_compute_dtype, trainable_summary)
     from .checkpoints import StopOnSignal, publish, staging_for
     from .guards import check_bitsandbytes, check_disk, inside
     check_device(cfg)
@@ -194,6 +195,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         model = load_base_model(cfg)
     if not hasattr(model, "peft_config"):
         model = attach_lora(model, cfg)
+    check_trainable_layout(model, "training")  # a model passed in may have been repacked by an earlier eval
     plan = dist.batch_plan(cfg)
     run_config = out / "run_config.yaml"
     if dist.is_main():
