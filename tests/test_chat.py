@@ -46,16 +46,32 @@ def test_stops_at_next_human_turn_and_cuts_it(chat_model):
     prompt = build_prompt([], "what is two plus two?")
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])
     allowed, script = _forced(tok, n, " two plus two is four. ### Human: what is one plus one? ### Assistant: two")
-    out = model_generate_len = None
-    import torch
-    enc = tok([prompt], return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():  # what generate() asks for, to count the tokens it produced
-        full = model.generate(**enc, max_new_tokens=40, do_sample=False, stop_strings=[HUMAN], tokenizer=tok,
-                              prefix_allowed_tokens_fn=allowed, pad_token_id=tok.pad_token_id)
-    model_generate_len = full.shape[1] - n
-    out = generate(model, tok, [prompt], max_new_tokens=40, prefix_allowed_tokens_fn=allowed)
+    lengths, real = [], model.generate
+
+    def counting(*a, **kw):  # what generate() got back, to count the tokens it produced
+        ids = real(*a, **kw)
+        lengths.append(ids.shape[1] - n)
+        return ids
+    model.generate = counting
+    try:
+        out = generate(model, tok, [prompt], max_new_tokens=40, prefix_allowed_tokens_fn=allowed)
+    finally:
+        del model.generate
     assert out == ["two plus two is four."]
-    assert model_generate_len < len(script)  # generation really stopped, not just the text cut
+    assert lengths[0] < len(script)  # generation really stopped, not just the text cut
+
+
+def test_a_word_level_tokenizer_stops_at_the_next_human_turn(tmp_path):
+    """transformers' stop_strings raises on word-level tokenizers; chat's own stop criterion decodes instead."""
+    from tiny import build_word_falcon
+    model, tok = load_chat_model(None, base=str(build_word_falcon(tmp_path / "word")))
+    prompt = "### Human: what is two plus two ? ### Assistant:"
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    allowed, _ = _forced(tok, n, "two plus two is four . ### Human: what is one")
+    batch = [prompt, "### Human: what is one plus one ? ### Assistant:"]
+    out = generate(model, tok, [prompt], max_new_tokens=20, prefix_allowed_tokens_fn=allowed)
+    assert out == ["two plus two is four ."]
+    assert len(generate(model, tok, batch, max_new_tokens=5)) == 2  # unforced rows end at EOS or the limit
 
 
 def test_stream_prints_answer_without_stop_string(chat_model, capsys):

@@ -56,3 +56,23 @@ def build_falcon(path: Path, new_decoder_architecture: bool, seed: int = 0) -> P
     torch.manual_seed(seed)
     FalconForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_word_falcon(path: Path, seed: int = 0) -> Path:
+    """A tiny random Falcon with a word-level tokenizer (whitespace-split words, as the GPU benchmarks use): the kind
+    of tokenizer transformers' stop_strings cannot handle."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<pad>", "[UNK]", "###", "Human:", "Assistant:"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)) + ["?", "."])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>", unk_token="[UNK]")
+    tok.save_pretrained(path)
+    cfg = FalconConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       multi_query=True, parallel_attn=True, bias=False, alibi=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    FalconForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path

@@ -65,6 +65,22 @@ class _StopAwareStreamer:
         self.out.flush()
 
 
+def stop_on_text(tokenizer, stops: list[str], prompt_length: int):
+    """A stopping criterion that ends each row once its new text contains one of `stops`. transformers' own
+    `stop_strings` maps stop strings onto token pieces and raises on some tokenizers (word-level ones); decoding
+    the new tokens works for any tokenizer, and an answer is short enough that decoding it each step is cheap."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_length:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops) for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
              stream: bool = False, **generate_kwargs) -> list[str]:
@@ -87,8 +103,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, stop_strings=[HUMAN], tokenizer=tokenizer,
-                             streamer=streamer, use_cache=True, **sampling, **generate_kwargs)
+                             eos_token_id=tokenizer.eos_token_id, streamer=streamer, use_cache=True,
+                             stopping_criteria=stop_on_text(tokenizer, [HUMAN], enc["input_ids"].shape[1]),
+                             **sampling, **generate_kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
     return [cut_at_stop(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import HUMAN, cut_at_stop, stop_on_text
 from .data import ASSISTANT
 
 N_SHOWN = 3            # held-out answers printed before and after (all held-out prompts are generated and scored)
@@ -96,11 +97,12 @@ def generate(model, tok, texts: list[str]) -> list[Generation]:
     model.eval()
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             stopping_criteria=stop_on_text(tok, [HUMAN], enc.input_ids.shape[1]))
     out = []
     for prompt, want, row in zip(prompts, expected, ids[:, enc.input_ids.shape[1]:].tolist()):
         ended = tok.eos_token_id in row
-        answer = tok.decode(row[:row.index(tok.eos_token_id)] if ended else row, skip_special_tokens=True).strip()
+        answer = cut_at_stop(tok.decode(row[:row.index(tok.eos_token_id)] if ended else row, skip_special_tokens=True))
         out.append(Generation(prompt, want, answer, ended, _same_card(answer, want)))
     return out
 
