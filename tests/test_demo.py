@@ -73,3 +73,33 @@ def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
     assert result.loss_plot is not None and result.loss_plot.stat().st_size > 0
     assert (result.adapter_dir / "adapter_config.json").is_file()
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == 8
+
+
+def _result(before, after, correct_before, correct_after, n=4):
+    from pathlib import Path
+    from falcon_qlora.demo import DemoResult, Generation
+    gens = lambda k: [Generation("p", "e", "a", True, i < k) for i in range(n)]  # noqa: E731
+    return DemoResult(before, after, gens(correct_before), gens(correct_after), Path("loss.png"), Path("final"), 1.0)
+
+
+def test_a_demo_that_learned_is_not_a_failure():
+    assert _result(3.44, 0.74, 0, 4).failure() is None
+
+
+def test_a_diverged_demo_says_so_in_one_line():
+    msg = _result(3.44, 15.79, 0, 0).failure()
+    assert msg.startswith("held-out loss rose from 3.44 to 15.79: training diverged") and "doctor" in msg
+    assert "\n" not in msg and "%" not in msg.split(":")[0]
+
+
+def test_too_small_a_drop_or_no_better_cards_is_a_failure():
+    assert "fell only 10%" in _result(3.0, 2.7, 0, 4).failure()
+    assert "did not improve (2 -> 2 of 4)" in _result(3.0, 1.0, 2, 2).failure()
+
+
+def test_demo_command_exits_1_with_one_line_when_the_demo_failed(monkeypatch, capsys):
+    import falcon_qlora.demo as demo
+    monkeypatch.setattr(demo, "run_demo", lambda cfg: _result(3.44, 15.79, 0, 0))
+    assert demo.cli([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("falcon-qlora demo: failed: held-out loss rose from 3.44 to 15.79")

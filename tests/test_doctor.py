@@ -11,9 +11,25 @@ def _args(overrides: dict) -> list[str]:
     return [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
 
 
-def test_bitsandbytes_4bit_matmul_really_runs():
-    [(status, msg)] = doctor.check_bnb_matmul()
-    assert status == doctor.OK and "NF4 matmul on cpu" in msg
+def test_bitsandbytes_4bit_matmul_really_runs_forward_and_backward_after_an_eval():
+    import torch
+    (status, msg), *rest = doctor.check_bnb_matmul()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert status == doctor.OK and f"NF4 matmul on {device}" in msg and "backward after an eval-mode forward" in msg
+
+
+def test_an_avx512_bf16_cpu_is_reported_with_what_falcon_qlora_does_about_it():
+    """Where bitsandbytes would repack (a CPU with AVX512-BF16, no GPU), doctor shows the wrong gradient it would
+    give and says that falcon-qlora keeps the trainable layout; elsewhere it has nothing to report."""
+    import torch
+    from bitsandbytes.functional import has_avx512bf16
+    lines = doctor.check_bnb_matmul()
+    if torch.cuda.is_available() or not has_avx512bf16():
+        assert len(lines) == 1
+        return
+    [(_, _), (status, msg)] = lines
+    assert status == doctor.INFO and "AVX512-BF16" in msg and "turns that repacking off" in msg
+    assert "the backward after it is wrong" in msg
 
 
 def test_reference_recipe_on_this_cpu_fails(capsys):

@@ -129,3 +129,51 @@ def test_rows_with_no_answer_within_max_length_are_counted_and_dropped(tiny_falc
     assert "3 rows have no assistant token within max_length=24 and were dropped" in capsys.readouterr().out
     with pytest.raises(UserError, match="raise max_length"):
         tokenize_completion_only(Dataset.from_list([{"text": long}]), tok, cfg)
+
+
+def _watch_steps(losses, factor=2.0):
+    from falcon_qlora.guards import DivergenceWatch
+    watch, trainer = DivergenceWatch(factor), _fake_trainer()
+    for step, loss in enumerate(losses, start=1):
+        watch.add(step, loss, trainer, None)
+    watch.flush(trainer, None)
+
+
+def test_divergence_needs_five_steps_in_a_row_above_twice_the_first_loss():
+    from falcon_qlora.guards import DivergenceError
+    _watch_steps([3.4, 7.0, 7.5, 7.9, 8.0, 2.0, 9.0, 9.0])         # a spike that recovers: trains on
+    _watch_steps([12.0, 11.99, 11.9, 11.8, 11.7])                   # the benchmark runs: flat or falling
+    with pytest.raises(DivergenceError, match=r"training stopped at step 7: .*above 2x its first value"):
+        _watch_steps([3.4, 3.0, 7.0, 9.0, 12.0, 15.0, 15.8])
+
+
+def test_a_diverging_run_stops_with_the_step_and_its_last_checkpoint(tiny_falcon_7b_arch, tiny_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A loss that climbs (here: the trainer's loss scaled up from step 4 on) stops the run in one line."""
+    import trl
+    from falcon_qlora.cli import main
+    real = trl.SFTTrainer.training_step
+
+    def climbing(self, *a, **kw):
+        loss = real(self, *a, **kw)
+        return loss * 10 if self.state.global_step >= 3 else loss
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", climbing)
+    out = tmp_path / "run"
+    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=12, save_steps=3))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert line.startswith("falcon-qlora train: error: training stopped at step 8: the loss has stayed above 2x")
+    assert f"last good checkpoint {out / 'checkpoint-6'}" in line and "divergence_factor=None" in line
+    assert not (out / "final").exists()
+
+
+def test_the_divergence_check_can_be_switched_off(tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch):
+    import trl
+    from falcon_qlora.cli import main
+    real = trl.SFTTrainer.training_step
+    monkeypatch.setattr(trl.SFTTrainer, "training_step",
+                        lambda self, *a, **kw: real(self, *a, **kw) * (10 if self.state.global_step >= 3 else 1))
+    out = tmp_path / "run"
+    assert main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=9, save_steps=100,
+                      divergence_factor="None")) == 0
+    assert (out / "final" / "adapter_config.json").is_file()

@@ -91,6 +91,9 @@ class RunConfig:
     logging_steps: int = _f(10, "Log loss every N steps.")
     eval_steps: Optional[int] = _f(None, "Evaluate every N steps (None: only at the end).")
     seed: int = _f(42, "Seed for data order, LoRA init and dropout.")
+    divergence_factor: Optional[float] = _f(
+        2.0, "Stop when the training loss stays above this multiple of its first step's for 5 optimizer steps in a "
+        "row (a diverged run; real runs stay at or below 1.0x). None: never.")
     report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "Logger; wandb runs offline without credentials.")
     resume: bool = _f(False, "Continue from the last complete checkpoint in output_dir.")
     overwrite: bool = _f(False, "Start fresh even if output_dir holds another run's checkpoints.")
@@ -98,7 +101,7 @@ class RunConfig:
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
 
     @field_validator("eval_split", "push_to_hub", "max_train_rows", "max_eval_rows", "eval_steps", "save_total_limit",
-                     mode="before")
+                     "divergence_factor", mode="before")
     @classmethod
     def _none_words(cls, value):
         """`--eval_split None` arrives from the command line as the word, not the value."""
@@ -131,6 +134,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"save_total_limit={cfg.save_total_limit} must be >= 1 or None")
     if cfg.resume and cfg.overwrite:
         p.append("resume and overwrite are both set: choose one")
+    if cfg.divergence_factor is not None and cfg.divergence_factor <= 1:
+        p.append(f"divergence_factor={cfg.divergence_factor} must be > 1 (or None to switch the check off)")
     return p
 
 

@@ -1,5 +1,5 @@
 """The trainer falcon-qlora runs: TRL's SFTTrainer plus three small overrides (atomic checkpoints, a stop on a NaN/inf
-loss or gradient norm before any checkpoint holds its result, no credentials in what it saves).
+loss or gradient norm before any checkpoint holds its result or on a diverged loss, no credentials in what it saves).
 
     trainer = safe_trainer_class(SFTTrainer)(model=..., args=..., callbacks=[stop.callback])
     stop.train(trainer, resume)                  # stop = StopOnSignal(): trainer.train() with Ctrl-C/SIGTERM caught
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .checkpoints import StopOnSignal, save_checkpoint_atomically
-from .guards import check_finite
+from .guards import DivergenceWatch, check_finite
 
 # Environment variables whose values must never reach a file of the run directory.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "HF_API_TOKEN")
@@ -81,7 +81,7 @@ def safe_trainer_class(base):
             is saved, and at the end of training."""
             import torch
             if not (isinstance(value, torch.Tensor) and value.is_cuda):
-                check_finite(what, value, self, self.run_config, step=step)
+                self._check(what, value, step)
                 return
             host = value.detach().float().reshape(()).to("cpu", non_blocking=True)
             done = torch.cuda.Event()
@@ -92,11 +92,20 @@ def safe_trainer_class(base):
             while self._pending and (wait or self._pending[0][2].query()):
                 what, host, done, step = self._pending.pop(0)
                 done.synchronize()
-                check_finite(what, host, self, self.run_config, step=step)
+                self._check(what, host, step)
+
+        def _check(self, what, value, step):
+            check_finite(what, value, self, self.run_config, step=step)
+            factor = getattr(self.run_config, "divergence_factor", None)
+            if what == "loss" and factor:
+                self._watch = getattr(self, "_watch", None) or DivergenceWatch(factor)
+                self._watch.add(step, float(value), self, self.run_config)
 
         def train(self, *a, **kw):
             out = super().train(*a, **kw)
             self._check_pending(wait=True)  # the last step's
+            if getattr(self, "_watch", None):
+                self._watch.flush(self, self.run_config)
             return out
 
     if not hasattr(base, "_get_grad_norm"):  # transformers moved its hook: say so rather than guard nothing
