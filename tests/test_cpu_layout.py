@@ -63,7 +63,8 @@ def test_bitsandbytes_would_repack_on_this_cpu_without_the_guard(tiny_falcon_7b_
     """Shows the hazard is real where the CPU has AVX512-BF16 (skipped elsewhere: there is nothing to repack)."""
     from bitsandbytes.functional import has_avx512bf16
     if torch.cuda.is_available() or not has_avx512bf16():
-        pytest.skip("bitsandbytes repacks only on a CPU with AVX512-BF16 and no GPU in use; this machine has neither")
+        pytest.skip("bitsandbytes repacks only 4-bit layers that run on a CPU with AVX512-BF16; here "
+                    + ("the model loads onto the GPU" if torch.cuda.is_available() else "the CPU lacks AVX512-BF16"))
     cfg = _cfg(tiny_falcon_7b_arch)
     model = load_base_model(cfg)
     for m in model.modules():

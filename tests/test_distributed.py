@@ -83,7 +83,7 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype_without_changing_the_math
     plain = _load(tiny_falcon, False, monkeypatch)
     assert _linear4bit_dtypes(fsdp) == {"torch.float32"} and _linear4bit_dtypes(plain) == {"torch.uint8"}
     assert trainable_summary(fsdp) == trainable_summary(plain)  # counts parameters, not storage elements
-    ids = torch.arange(1, 17).view(2, 8)
+    ids = torch.arange(1, 17).view(2, 8).to(next(plain.parameters()).device)
     with torch.no_grad():
         torch.testing.assert_close(fsdp(input_ids=ids).logits, plain(input_ids=ids).logits)
 
@@ -206,7 +206,7 @@ def test_two_processes_save_rank_zeros_adapter_which_loads_back(two_process_run)
     model, _, _ = load_adapter_model(final)
     loaded = get_peft_model_state_dict(model)
     for k in saved:
-        torch.testing.assert_close(loaded[k].float(), saved[k].float())
+        torch.testing.assert_close(loaded[k].float().cpu(), saved[k].float())
 
 
 def test_resume_under_two_processes_continues_at_the_next_step(two_process_run, tiny_falcon_7b_arch):

@@ -1,6 +1,7 @@
 """doctor: one screen on the environment; exit status 1 exactly when a run of the config would fail."""
 from __future__ import annotations
 
+import pytest
 from conftest import tiny_overrides
 
 from falcon_qlora import doctor
@@ -34,6 +35,9 @@ def test_an_avx512_bf16_cpu_is_reported_with_what_falcon_qlora_does_about_it():
 
 def test_reference_recipe_on_this_cpu_fails(capsys):
     """Falcon-7B without a GPU (and without the hub) cannot run: non-zero exit, the reason on its own line."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the 'no GPU' verdict cannot be checked here")
     assert doctor.cli(["--config", "reference"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  no CUDA GPU found" in out
@@ -69,7 +73,8 @@ def test_too_little_disk_fails(monkeypatch, tmp_path):
     import collections
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**6, 10**6))
-    [(status, msg)] = doctor.check_memory_and_disk(load_config("reference", output_dir=str(tmp_path / "x" / "y")))
+    results = doctor.check_memory_and_disk(load_config("reference", output_dir=str(tmp_path / "x" / "y")))
+    [(status, msg)] = [r for r in results if r[1].startswith("disk:")]  # a GPU adds its memory line
     assert status == doctor.FAIL and "save_total_limit" in msg and str(tmp_path) in msg
 
 

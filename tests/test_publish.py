@@ -20,7 +20,7 @@ def test_adapter_folder_has_card_and_loads_back(tiny_adapter, tmp_path):
     assert "| lora_r | 8 |" in card and "held-out loss:" in card  # recipe and the run's final eval
     a, tok, _ = load_adapter_model(tiny_adapter)
     b, _, _ = load_adapter_model(folder)
-    ids = tok("### Human: hi ### Assistant:", return_tensors="pt")
+    ids = tok("### Human: hi ### Assistant:", return_tensors="pt").to(next(a.parameters()).device)
     with torch.no_grad():
         assert torch.equal(a(**ids).logits, b(**ids).logits)
 

@@ -55,6 +55,7 @@ def test_run_dir_has_config_metrics_and_plot(run):
 
 def test_adapter_reloads_onto_a_fresh_4bit_base_with_equal_logits(run):
     ids = run.tokenizer(["### Human: what is two plus two? ### Assistant:"], return_tensors="pt").input_ids
+    ids = ids.to(next(run.model.parameters()).device)
     run.model.eval()
     with torch.no_grad():
         want = run.model(input_ids=ids).logits
@@ -94,7 +95,7 @@ def test_both_decoder_architectures_train(tiny_falcon, tiny_data, tmp_path):
 
 def test_train_without_a_gpu_names_the_demo(capsys):
     if torch.cuda.is_available():
-        pytest.skip("has a GPU")
+        pytest.skip("this machine has a CUDA GPU, so training Falcon-7B is not refused for the want of one")
     assert main(["train"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA GPU" in err and "falcon-qlora demo" in err

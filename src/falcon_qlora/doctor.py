@@ -33,13 +33,18 @@ def _version(pkg: str) -> str | None:
 
 
 def _requirements() -> dict[str, str]:
-    """falcon-qlora's own version ranges (from its installed metadata, i.e. pyproject.toml)."""
+    """falcon-qlora's own version ranges: its installed metadata, or pyproject.toml when it runs from a checkout
+    without being installed."""
     from importlib.metadata import PackageNotFoundError, requires
     from packaging.requirements import Requirement
     try:
         reqs = [Requirement(r) for r in requires("falcon-qlora") or []]
     except PackageNotFoundError:
-        return {}
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        if not pyproject.is_file():
+            return {}
+        import tomllib
+        reqs = [Requirement(r) for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
     return {r.name.lower(): str(r.specifier) for r in reqs if r.marker is None}
 
 

@@ -123,7 +123,7 @@ def resolve(cfg: RunConfig, device: str = "cuda", profile: str | None = None, fr
     if device != "cuda" or (free_bytes is None and not gpu):
         return "reference", f"auto on {'a CPU' if device != 'cuda' else 'no known GPU'} (--gpu_memory to assume one)"
     choice = resolve_profile(RunConfig(**{**cfg.__dict__, "profile": "auto"}), free_bytes)
-    return choice, ("auto, this GPU" if gpu else f"auto, {free_bytes / GiB:.0f} GiB free assumed")
+    return choice, ("auto, this GPU" if free_bytes is None else f"auto, {free_bytes / GiB:.0f} GiB free assumed")
 
 
 @functools.lru_cache(maxsize=8)
