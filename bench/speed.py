@@ -157,21 +157,7 @@ def ceilings() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
-def flops_per_token(model, lengths, lora_r) -> float:
-    """Forward + input-gradient backward of every matmul weight (2 + 2 FLOP each), LoRA (fwd, input and weight
-    grads), causal attention (fwd + 2x bwd) at the rows' real lengths. Recompute is not counted (model FLOPs)."""
-    import bitsandbytes as bnb
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    p_mm, lora = 0, 0
-    for m in base.modules():
-        if isinstance(m, bnb.nn.Linear4bit) or (isinstance(m, torch.nn.Linear) and m.out_features >= 1000):
-            p_mm += m.in_features * m.out_features
-            if isinstance(m, bnb.nn.Linear4bit):
-                lora += lora_r * (m.in_features + m.out_features)
-    cfg = base.config
-    n2 = sum(n * n for n in lengths) / sum(lengths)  # E[n^2]/E[n]: attention FLOPs per token grow with row length
-    attn = cfg.num_hidden_layers * 3 * 2 * cfg.hidden_size * n2  # 2*d*n^2/... causal half, x3 for fwd+bwd
-    return 4 * p_mm + 6 * lora + attn
+from falcon_qlora.throughput import flops_per_token  # noqa: E402  (the figure every `train` run logs its MFU with)
 
 
 # ------------------------------------------------------------------------------------------------ one variant

@@ -101,7 +101,15 @@ def safe_trainer_class(base):
                 self._watch = getattr(self, "_watch", None) or DivergenceWatch(factor)
                 self._watch.add(step, float(value), self, self.run_config)
 
+        def log(self, logs, *a, **kw):
+            meter = getattr(self, "meter", None)  # throughput.Meter, set by train.build_trainer
+            if meter is not None:
+                meter.update(logs)
+            return super().log(logs, *a, **kw)
+
         def train(self, *a, **kw):
+            if getattr(self, "meter", None) is not None:
+                self.meter.start()
             out = super().train(*a, **kw)
             self._check_pending(wait=True)  # the last step's
             if getattr(self, "_watch", None):

@@ -122,6 +122,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
     from .model import resolve_compute_dtype
     from .safety import safe_trainer_class
     from .profiles import apply_profile
+    from .throughput import Meter
     args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg))
     # speed/memory profile: micro-batch split, checkpointing, padding-free rows, fused paths (profiles.py)
     model, args, profile_kwargs = apply_profile(cfg, model, args, tokenizer)
@@ -135,6 +136,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     trainer.run_config = cfg
+    trainer.meter = Meter(trainer, cfg.lora_r, cfg.max_length)  # tokens/s, peak GPU memory, MFU in every loss log
     return trainer
 
 
@@ -175,6 +177,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     from .model import (attach_lora, check_trainable_layout, load_base_model, load_tokenizer,
                         resolve_compute_dtype, trainable_summary)
     from .checkpoints import StopOnSignal, publish, staging_for
+    from .throughput import summary as throughput_summary
     from .guards import check_bitsandbytes, check_disk, inside
     check_device(cfg)
     dist.init()  # several processes: join the group now, so that only the main one writes
@@ -215,6 +218,9 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     stop.train(trainer, resume)  # trainer.train(), saving and stopping on Ctrl-C / SIGTERM
     stop.report(trainer, cfg)
     metrics = {"train_steps": trainer.state.global_step, **plan.as_metrics()}
+    speed = throughput_summary(trainer.state.log_history)
+    if speed and dist.is_main():
+        print(speed)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     final, staging = inside(out, "final"), staging_for(out / "final")
