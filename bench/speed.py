@@ -69,13 +69,14 @@ def build_tiny(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the data
-def full_rows(n: int, seed: int = 0, words: int = VOCAB - 8) -> list[dict]:
-    """Rows longer than 512 tokens (truncated to max_length): the reference baseline's data."""
+def full_rows(n: int, seed: int = 0, words: int = VOCAB - 8, answer: tuple = (400, 900)) -> list[dict]:
+    """Rows longer than 512 tokens (truncated to max_length): the reference baseline's data. answer=(2000, 2600)
+    gives rows longer than Falcon-7B's 2048-token context, for the long-row variants."""
     r = random.Random(seed)
     out = []
     for _ in range(n):
         h = " ".join(f"w{r.randrange(words)}" for _ in range(r.randrange(40, 200)))
-        a = " ".join(f"w{r.randrange(words)}" for _ in range(r.randrange(400, 900)))
+        a = " ".join(f"w{r.randrange(words)}" for _ in range(r.randrange(*answer)))
         out.append({"text": f"### Human: {h} ### Assistant: {a}"})
     return out
 
@@ -405,6 +406,8 @@ def main() -> None:
     else:
         full = full_rows(16 * 22, words=words)
         chat = chat_rows(16 * 12, words=words)
+    long = full if tiny else full_rows(16 * 10, seed=2, words=words, answer=(2000, 2600))
+    long_len = 128 if tiny else 2048  # Falcon-7B's context
     L = cfg0.max_length
     full_len = row_lengths(full[:64], tok, L)
     chat_len = row_lengths(chat, tok, L)
@@ -438,6 +441,10 @@ def main() -> None:
                                               per_device_train_batch_size=8, gradient_accumulation_steps=2,
                                               args_over={"activation_offloading": True})),
         ("memory_mb8", full, dict(steps=steps, **mem_mb8)),
+        # rows of Falcon-7B's whole context (2048 tokens): what each profile gives on long rows
+        ("reference_2048", long, dict(profile="reference", steps=steps, max_length=long_len)),
+        ("speed_2048", long, dict(profile="speed", steps=steps, max_length=long_len)),
+        ("memory_2048", long, dict(profile="memory", steps=steps, max_length=long_len)),
         ("chat_reference", chat, dict(profile="reference", steps=steps)),
         ("chat_speed", chat, dict(profile="speed", steps=steps)),
         ("chat_speed_packing", chat, dict(profile="speed", steps=steps, packing=True)),
@@ -483,7 +490,7 @@ def main() -> None:
         if time.time() - T0 > a.budget_s:
             RESULTS["variants"][name] = {"skipped": "time budget"}
             continue
-        lengths = chat_len if rows is chat else full_len
+        lengths = chat_len if rows is chat else [long_len] * len(full_len) if kw.get("max_length") else full_len
         try:
             res, _ = run_variant(name, base, tok, rows, warm=warm, flops_lengths=lengths, peak_tflops=peak, **kw)
         except Exception as err:  # noqa: BLE001 - record and go on: one broken variant must not cost the run
@@ -507,13 +514,14 @@ def main() -> None:
 def print_table() -> None:
     ref = RESULTS["variants"].get("reference", {}).get("tokens_per_s")
     cref = RESULTS["variants"].get("chat_reference", {}).get("tokens_per_s")
+    lref = RESULTS["variants"].get("reference_2048", {}).get("tokens_per_s")
     print("| variant | mb x acc | ckpt | tokens/s | vs ref | MFU % | peak alloc GiB | peak reserved GiB | first losses |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in RESULTS["variants"].items():
         if "tokens_per_s" not in r:
             print(f"| {name} | {r.get('error') or r.get('skipped')} |")
             continue
-        base = cref if name.startswith("chat") else ref
+        base = cref if name.startswith("chat") else lref if name.endswith("_2048") else ref
         x = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"| {name} | {r['micro_batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} | "
               f"{r['tokens_per_s']:,} | {x} | {r.get('mfu_pct', '-')} | {r.get('peak_alloc_GiB', '-')} | "
