@@ -17,7 +17,8 @@ def test_every_loss_log_after_the_first_carries_the_throughput(tiny_falcon_7b_ar
     assert len(losses) == 4 and all(x["tokens_per_second"] > 0 for x in losses)
     assert all(("peak_gpu_memory_gib" in x) == torch.cuda.is_available() for x in losses)
     out = capsys.readouterr().out
-    assert "throughput: " in out and "real tokens/s" in out
+    assert "throughput: " in out and "real tokens/s" in out and "first step" in out
+    assert losses[0]["seconds_to_first_step"] > 0 and all("seconds_to_first_step" not in x for x in losses[1:])
     assert result.log_history[-2]["tokens_per_second"] == losses[-1]["tokens_per_second"]
 
 
@@ -46,4 +47,6 @@ def test_summary_averages_the_logged_throughput():
     line = summary([{"loss": 1, "tokens_per_second": 100.0, "mfu_percent": 40.0, "peak_gpu_memory_gib": 5.0},
                     {"loss": 1, "tokens_per_second": 300.0, "mfu_percent": 50.0, "peak_gpu_memory_gib": 6.0}])
     assert line == "throughput: 200 real tokens/s, peak GPU memory 6.00 GiB, MFU 45.0 % of the GPU's dense peak"
+    assert "first step 12 s after start" in summary([{"loss": 1, "tokens_per_second": 1.0,
+                                                      "seconds_to_first_step": 12.4}])
     assert summary([{"loss": 1}]) is None

@@ -4,6 +4,8 @@ The trainer adds these to each loss log (so they reach the progress line, metric
     tokens_per_second       real (non-padding) tokens trained per second since the previous log, all processes
     peak_gpu_memory_gib     torch.cuda.max_memory_allocated of this process so far
     mfu_percent             tokens/s x model FLOPs per token / (GPUs x the GPU's dense bf16/fp16 peak)
+and, on the first one, the start-up time:
+    seconds_to_first_step   from the start of `train` (data, model load and quantization, LoRA) to that log
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class Meter:
         import torch
         self.trainer, self.cuda = trainer, torch.cuda.is_available()
         self.last = None  # (time, tokens) at the previous log
+        self.started = None  # when train() began, for the start-up time (set by train.train)
         self.flops = flops_per_token(trainer.model, [max_length], lora_r)  # rows at max_length: an upper bound
         self.peak = peak_tflops(torch.cuda.get_device_name() if self.cuda else None)
 
@@ -70,6 +73,9 @@ class Meter:
                 logs["mfu_percent"] = round(100 * tps * self.flops / (gpus * self.peak * 1e12), 1)
         if self.cuda:
             logs["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if self.started is not None:
+            logs["seconds_to_first_step"] = round(now - self.started, 1)
+            self.started = None
         self.last = (now, tokens)
 
     def start(self) -> None:
@@ -83,6 +89,9 @@ def summary(log_history: list) -> str | None:
         return None
     tps = sum(x["tokens_per_second"] for x in rows) / len(rows)
     parts = [f"{tps:,.0f} real tokens/s"]
+    first = next((x["seconds_to_first_step"] for x in log_history if "seconds_to_first_step" in x), None)
+    if first is not None:
+        parts.append(f"first step {first:.0f} s after start")
     peak = max((x.get("peak_gpu_memory_gib", 0) for x in log_history), default=0)
     if peak:
         parts.append(f"peak GPU memory {peak:.2f} GiB")

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +180,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     from .checkpoints import StopOnSignal, publish, staging_for
     from .throughput import summary as throughput_summary
     from .guards import check_bitsandbytes, check_disk, inside
+    started = time.perf_counter()
     check_device(cfg)
     dist.init()  # several processes: join the group now, so that only the main one writes
     dist.check_fsdp(resolve_compute_dtype(cfg))
@@ -208,6 +210,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     check_disk(cfg, model)  # the checkpoints kept under save_total_limit must fit on the disk
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, print how to resume
     trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[stop.callback])
+    trainer.meter.started = started
     dist.record_rows(trainer)
     resume = None
     if cfg.resume:
