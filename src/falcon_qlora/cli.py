@@ -2,6 +2,7 @@
 arguments; this file only dispatches, so `falcon-qlora --help` starts without importing torch."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -15,6 +16,21 @@ COMMANDS = {
     "estimate": ("falcon_qlora.estimate", "cli", "GPU memory and disk a run will need, from the config alone."),
     "doctor": ("falcon_qlora.doctor", "cli", "Check GPU, bitsandbytes, versions, disk and hub access."),
 }
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every command that is not the run config itself (chat, eval, merge, ...): options are spelled
+    with underscores as in the run config (`--max_new_tokens`), the hyphenated spelling is accepted too, and a bad
+    option is one line (UserError) instead of argparse's usage dump."""
+
+    def add_argument(self, *names, **kwargs):
+        spelled = [n for n in names if n.startswith("--") and "_" in n]
+        aliases = [n.replace("_", "-") for n in spelled if n.replace("_", "-") not in names]
+        return super().add_argument(*names, *aliases, **kwargs)
+
+    def error(self, message: str):
+        from .errors import UserError
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def usage() -> str:
