@@ -225,3 +225,23 @@ def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
 def from_namespace(namespace: dict) -> RunConfig:
     """The notebook's parameters cell -> a RunConfig: every variable named like a config key is used."""
     return make_config(**{k: v for k, v in namespace.items() if k in field_names()})
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key with its default (the reference recipe) and its help, from the schema itself, so
+    the page cannot drift from the code (tests/test_docs.py regenerates and compares it)."""
+    lines = ["# Run config reference", "",
+             "Generated from `falcon_qlora.config.RunConfig` (`python -m falcon_qlora.config > docs/config.md`). "
+             "Defaults are the reference recipe; every key is a `falcon-qlora train --KEY VALUE` option and a YAML "
+             "key of a preset or `run_config.yaml`.", "", "| key | default | what it does |", "|---|---|---|"]
+    default = RunConfig()
+    for f in fields(RunConfig):
+        value = getattr(default, f.name)
+        shown = "None" if value is None else json.dumps(value) if isinstance(value, (list, str)) else str(value)
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{f.name}` | `{shown}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
