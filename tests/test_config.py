@@ -77,3 +77,23 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_none_on_the_command_line_turns_evaluation_off():
     assert parse_args(["--eval_split", "None", "--save_total_limit", "none"]).eval_split is None
+
+
+@pytest.mark.parametrize("preset", ["demo", "colab-t4"])
+def test_presets_comment_every_change_from_the_reference(preset):
+    """Each key whose value differs from the reference default carries a '# was ...' comment on its line."""
+    import yaml
+    reference = RunConfig()
+    lines = (PRESETS_DIR / f"{preset}.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    changed = [k for k, v in values.items() if getattr(reference, k) != v]
+    assert changed
+    for key in changed:
+        line = next(x for x in lines if x.startswith(f"{key}:"))
+        assert "# was " in line, f"{preset}.yaml: {key} differs from the reference but its line does not say so"
+
+
+def test_the_t4_preset_fits_a_t4():
+    from falcon_qlora.estimate import estimate
+    est = estimate(load_config("colab-t4"), free_bytes=15 * 2**30)
+    assert est["profile"] == "memory" and est["peak_bytes"] < 14 * 2**30
