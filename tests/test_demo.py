@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 
-
 from falcon_qlora import demo_data
 from falcon_qlora.config import load_config
 
