@@ -102,7 +102,7 @@ def export(adapter: str | Path | None = None, out: str | Path = "model.gguf", qu
     if reason:
         raise UserError(reason)
     if quant not in gguf_file.WRITTEN:
-        llamacpp._lib()   # fails here, in one line naming the extra, rather than after the merge
+        llamacpp.binding()   # fails here, in one line naming the extra, rather than after the merge
     final, need = estimate_bytes(config, quant)
     _check_disk(out.parent, need)
     if adapter is not None:
