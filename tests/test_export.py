@@ -39,8 +39,8 @@ def _gguf_model(path):
 
 @pytest.fixture(scope="module")
 def merged_tiny(tiny_adapter):
-    from falcon_qlora.merge import merged_model
-    model, tok, *_ = merged_model(tiny_adapter, "fp32")
+    from falcon_qlora.merge import checked_merge
+    model, tok, *_ = checked_merge(tiny_adapter, "fp32")
     return model, tok
 
 
@@ -177,11 +177,14 @@ def test_too_little_disk_is_refused_with_the_estimate(tiny_falcon_7b_arch, tmp_p
 
 
 def test_estimate_is_the_written_size(tiny_falcon_7b_arch, tmp_path):
-    from transformers import AutoConfig
-    from falcon_qlora.export import MARGIN, estimate_bytes
+    from transformers import AutoModelForCausalLM
+    from falcon_qlora.export import estimate_bytes
+    from falcon_qlora.gguf_file import tensor_plan
     out = export(model=tiny_falcon_7b_arch, out=tmp_path / "m.gguf", quant="q8_0")
-    final, _ = estimate_bytes(AutoConfig.from_pretrained(tiny_falcon_7b_arch), "q8_0")
-    assert final / MARGIN <= out.stat().st_size <= final   # tensor bytes, plus at most the margin for metadata
+    model = AutoModelForCausalLM.from_pretrained(tiny_falcon_7b_arch)
+    tensors = sum(t.nbytes for t in tensor_plan(model.config, model.state_dict(), "q8_0"))
+    final, need = estimate_bytes(model.config, "q8_0")
+    assert tensors < out.stat().st_size <= final == need   # the tensors plus metadata, never above the estimate
 
 
 def test_a_failure_while_writing_leaves_nothing_behind(tiny_falcon_7b_arch, tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ from . import gguf_file, llamacpp
 from .errors import UserError
 
 QUANTS = list(gguf_file.WRITTEN) + list(llamacpp.FTYPES)
-MARGIN = 1.02   # metadata (vocabulary, merges) and alignment on top of the tensor bytes, plus slack
+# On top of the tensor bytes: the vocabulary and merges (under 64 bytes per token with its merge), the chat template
+# and alignment (under 1 MiB). k-quant sizes are llama-quantize's reported bits per weight, plus 2 %.
+META_PER_TOKEN, META_FIXED, KQUANT_MARGIN = 64, 2**20, 1.02
 
 
 def _source_config(adapter: Path | None, model: Path | None, base: str | None):
@@ -50,12 +52,13 @@ def estimate_bytes(config, quant: str) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         shapes = AutoModelForCausalLM.from_config(config).state_dict()
+    meta = META_FIXED + META_PER_TOKEN * config.vocab_size
     written = quant if quant in gguf_file.WRITTEN else "f16"
-    first = int(sum(t.nbytes for t in gguf_file.tensor_plan(config, shapes, written)) * MARGIN)
+    first = sum(t.nbytes for t in gguf_file.tensor_plan(config, shapes, written)) + meta
     if quant in gguf_file.WRITTEN:
         return first, first
     params = sum(t.numel() for k, t in shapes.items() if not (k == "lm_head.weight" and config.tie_word_embeddings))
-    final = int(params * llamacpp.BITS[quant] / 8 * MARGIN)
+    final = int(params * llamacpp.BITS[quant] / 8 * KQUANT_MARGIN) + meta
     return final, first + final
 
 
