@@ -19,7 +19,6 @@ GUANACO = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content']
            "{% elif m['role'] == 'assistant' %}{{ '### Assistant: ' + m['content'] + ' ' }}{% endif %}{% endfor %}"
            "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}")
 GUANACO_STOPS = ["### Human:"]
-PARAMETERS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}   # chat.py's sampling defaults
 _S, _U1, _A1, _U2 = "\x01SYS\x01", "\x01U1\x01", "\x01A1\x01", "\x01U2\x01"
 
 
@@ -113,6 +112,14 @@ def _check(tok, template: str, go: str, default_system: str | None) -> None:
                         "from it; write the Modelfile's TEMPLATE by hand")
 
 
+def sampling_defaults() -> dict:
+    """`falcon-qlora chat --sample`'s temperature, top_p and top_k (chat.generate owns them)."""
+    import inspect
+    from .chat import generate
+    params = inspect.signature(generate).parameters
+    return {k: params[k].default for k in ("temperature", "top_p", "top_k")}
+
+
 def modelfile(gguf_name: str, tok, template: str, stops: list[str]) -> str:
     """Text of an Ollama Modelfile for the GGUF file `gguf_name` (relative to the Modelfile's folder)."""
     go, system = go_template(tok, template)
@@ -121,5 +128,5 @@ def modelfile(gguf_name: str, tok, template: str, stops: list[str]) -> str:
         lines.append(f'SYSTEM """{system}"""')
     lines.append("")
     lines += [f'PARAMETER stop "{s}"' for s in stops]
-    lines += [f"PARAMETER {k} {v}" for k, v in PARAMETERS.items()]
+    lines += [f"PARAMETER {k} {v}" for k, v in sampling_defaults().items()]
     return "\n".join(lines) + "\n"
