@@ -37,6 +37,7 @@ def test_notebook_runs_headless_on_the_tiny_model(tiny_falcon_7b_arch, tiny_data
     assert "8 Linear4bit layers" in outputs and "trainable parameters" in outputs
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
     assert "image/png" in outputs
+    assert (tmp_path / "run" / "model-q8_0.gguf").read_bytes()[:4] == b"GGUF"   # the export cell
 
 
 def test_notebook_runs_with_the_embedded_smollm2(smollm2, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ COMMANDS = {
     "chat": ("falcon_qlora.chat", "cli", "Chat with a base model plus adapter (REPL or --prompt)."),
     "eval": ("falcon_qlora.evaluate", "cli", "Eval loss, perplexity and token accuracy: base vs adapter."),
     "merge": ("falcon_qlora.merge", "cli", "Merge an adapter into a dequantized copy of the base."),
+    "export": ("falcon_qlora.export", "cli", "Merge and write one GGUF file (llama.cpp, Ollama) plus a Modelfile."),
     "estimate": ("falcon_qlora.estimate", "cli", "GPU memory and disk a run will need, from the config alone."),
     "doctor": ("falcon_qlora.doctor", "cli", "Check GPU, bitsandbytes, versions, disk and hub access."),
 }

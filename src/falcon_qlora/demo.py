@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .chat import HUMAN, cut_at_stop, stop_on_text
 from .data import ASSISTANT
+from .errors import UserError
 
 N_SHOWN = 3            # held-out answers printed before and after (all held-out prompts are generated and scored)
 MAX_NEW_TOKENS = 48    # an answer card is ~30 tokens; the limit only matters if the model does not stop
@@ -171,7 +172,8 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
     say(f"held-out cards exactly right: {_score(gens_before)} before -> {_score(gens_after)} after; answers that "
         f"stopped at EOS: {sum(g.ended_at_eos for g in gens_before)} -> {sum(g.ended_at_eos for g in gens_after)}")
     say(f"loss curve: {demo.loss_plot}")
-    say(f"adapter: {demo.adapter_dir}   (try it: falcon-qlora chat --adapter {demo.adapter_dir})")
+    say(f"adapter: {demo.adapter_dir}   (try it: falcon-qlora chat --adapter {demo.adapter_dir}; run it in llama.cpp "
+        f"or Ollama: falcon-qlora export --adapter {demo.adapter_dir} --out demo.gguf --quant q8_0)")
     return demo
 
 
@@ -211,7 +213,14 @@ def cli(argv: list[str]) -> int:
     from .train import parse_args
     if {"-h", "--help"} & set(argv):
         print("falcon-qlora demo: train the demo preset (SmolLM2-135M, 4-bit, contact-card task) and show held-out "
-              "loss, answers before/after, the loss plot and the adapter. It takes every option of train:\n")
+              "loss, answers before/after, the loss plot and the adapter. --export_gguf PATH also writes the adapter "
+              "merged as a q8_0 GGUF (llama.cpp, Ollama). It takes every option of train:\n")
+    gguf_out = None
+    if "--export_gguf" in argv:
+        i = argv.index("--export_gguf")
+        if i + 1 >= len(argv):
+            raise UserError("--export_gguf needs a path, e.g. --export_gguf demo.gguf")
+        gguf_out, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     cfg = parse_args(["--config", "demo", *argv], prog="falcon-qlora demo")
     # Deprecation notices from the libraries mean nothing to someone trying the tool for the first time.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -222,4 +231,7 @@ def cli(argv: list[str]) -> int:
     if failed:
         print(f"falcon-qlora demo: failed: {failed}", file=sys.stderr)
         return 1
+    if gguf_out:
+        from .export import export
+        export(demo.adapter_dir, gguf_out, quant="q8_0", force=cfg.overwrite)
     return 0

@@ -59,9 +59,6 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
 
     The check runs in fp32 on both sides (the 4-bit layers compute in fp32 for the reference), so it measures the
     merge and not the rounding of a bf16 forward; the merged weights are cast to `dtype` only afterwards."""
-    import torch
-    from .config import make_config, to_dict
-    from .model import adapter_run_config, load_adapter_model, resolve_compute_dtype
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
         raise UserError(f"adapter folder {adapter} does not exist")
@@ -71,6 +68,22 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
         return out
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"{out} exists and is not empty: choose a new --out folder")
+    merged, tok, cfg, name, err = checked_merge(adapter, dtype, base)
+    _write(merged, tok, cfg, adapter, out, name, err)
+    if push_to_hub:
+        from .publish import publish
+        publish(out, push_to_hub, cfg)
+    return out
+
+
+def checked_merge(adapter: str | Path, dtype: str = "auto", base: str | None = None):
+    """The merge and its check, nothing written (merge and export both call it): the 4-bit base + adapter computing
+    in fp32 is the reference, the merged model must match it, then it is cast to `dtype`.
+    Returns (merged model in eval mode, tokenizer, run config, dtype name, relative logit error)."""
+    import torch
+    from .config import make_config, to_dict
+    from .model import adapter_run_config, load_adapter_model, resolve_compute_dtype
+    adapter = Path(adapter)
     cfg = adapter_run_config(adapter)
     name = dtype if dtype != "auto" else DTYPES[[torch.float32, torch.bfloat16, torch.float16].index(
         resolve_compute_dtype(cfg))]
@@ -88,11 +101,7 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
     if name != "fp32":
         cast = _relative_error(_logits(merged, tok, device), reference)
         print(f"saved in {name}: its rounding moves the logits by {cast:.1e} (relative)")
-    _write(merged, tok, cfg, adapter, out, name, err)
-    if push_to_hub:
-        from .publish import publish
-        publish(out, push_to_hub, cfg)
-    return out
+    return merged, tok, cfg, name, err
 
 
 def merged_model(base_model, adapter: Path):

@@ -267,6 +267,14 @@ def adapter_run_config(adapter_dir: str | Path) -> RunConfig:
     return load_config(saved) if saved.is_file() else load_config()
 
 
+def adapter_base(adapter_dir: Path, cfg: RunConfig) -> str:
+    """The base an adapter was trained on: its run config's model, else peft's base_model_name_or_path."""
+    import json
+    if (adapter_dir / "run_config.yaml").is_file():
+        return cfg.model_name_or_path
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def load_adapter_model(adapter_dir: str | Path, base: str | None = None, load_in_4bit: bool = True,
                        cfg: RunConfig | None = None):
     """Base (from the run config saved beside the adapter, unless given) + the adapter. -> (model, tok, cfg)."""
@@ -277,10 +285,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, load_in
                         "wrote (e.g. results/final or results/checkpoint-N)")
     if cfg is None:
         cfg = adapter_run_config(adapter_dir)
-    if base is None:
-        import json
-        base = cfg.model_name_or_path if (adapter_dir / "run_config.yaml").is_file() else \
-            json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = base or adapter_base(adapter_dir, cfg)
     tok = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base, cfg)
     model = load_base_model(cfg, path=base, load_in_4bit=load_in_4bit)
     try:
