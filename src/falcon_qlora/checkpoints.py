@@ -6,11 +6,14 @@ so `checkpoint-N` is either complete or absent; a run killed at any moment resum
     falcon-qlora train --config results/run_config.yaml --resume
 
 SIGINT (Ctrl-C, Colab's stop button) and SIGTERM (preemption) let the current step finish, save a checkpoint, print
-the command above and stop; a second Ctrl-C quits at once (the checkpoints already written stay intact).
+the command above and stop; a second Ctrl-C quits at once (the checkpoints already written stay intact). Before a
+resume every file of the checkpoint is read back (verify); a damaged one is set aside and the newest intact one used.
+The hidden names below are ours: whatever already has such a name (a link included) is removed, never followed.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -18,6 +21,8 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+
+from .errors import UserError
 
 STAGING, TRASH = ".staging-", ".trash-"  # hidden names: never matched by `checkpoint-*`
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
@@ -38,19 +43,108 @@ def is_complete(path: Path) -> bool:
     return state.get("global_step") == step_of(path) and any((path / w).is_file() for w in WEIGHTS)
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in `out`, oldest first."""
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Every folder named checkpoint-N in `out`, complete or not, oldest first."""
     if not Path(out).is_dir():
         return []
-    found = [p for p in Path(out).iterdir() if p.is_dir() and step_of(p) is not None and is_complete(p)]
-    return sorted(found, key=step_of)
+    return sorted((p for p in Path(out).iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    return [p for p in checkpoint_dirs(out) if is_complete(p)]
+
+
+def remove(path: Path) -> None:
+    """Delete `path` itself: a link or file is unlinked (its target is never touched), a real folder removed."""
+    path = Path(path)
+    if os.path.islink(path) or (os.path.lexists(path) and not path.is_dir()):
+        os.unlink(path)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fresh_dir(path: Path) -> Path:
+    """A new, empty, real folder at `path`, whatever had that name before (a link to elsewhere included)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove(path)
+    os.mkdir(path)
+    return path
 
 
 def clean_leftovers(out: Path) -> None:
-    """Remove staging/trash folders a killed run left behind (they are ours by name and never resumable)."""
+    """Remove staging/trash entries a killed run left behind (they are ours by name and never resumable)."""
     for p in Path(out).glob(".*"):
-        if p.is_dir() and p.name.startswith((STAGING, TRASH)):
-            shutil.rmtree(p, ignore_errors=True)
+        if p.name.startswith((STAGING, TRASH)):
+            remove(p)
+
+
+def _unreadable(f: Path) -> str | None:
+    """Why `f` cannot be loaded the way a resume loads it, or None. Zip-format .pt files are opened with mmap,
+    which reads their index at the end of the file (what a truncation loses) without reading the tensors."""
+    try:
+        if f.suffix in (".safetensors", ".pt", ".pth", ".bin", ".json") and f.stat().st_size == 0:
+            return "is empty"
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(f), "pt") as sf:
+                for key in sf.keys():
+                    sf.get_tensor(key)
+        elif f.suffix in (".pt", ".pth", ".bin"):
+            import torch
+            from transformers.trainer_pt_utils import safe_globals  # numpy RNG states, as Trainer loads them
+            with safe_globals():
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        elif f.suffix == ".json":
+            json.loads(f.read_text(encoding="utf-8"))
+    except Exception as err:  # torch, safetensors and json each raise their own kinds
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        return f"cannot be read: {msg}"
+    return None
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file a resume reads loads (trainer state, adapter, optimizer, scheduler, RNG states, configs);
+    otherwise what is wrong, naming the file. Sharded (FSDP) sub-folders are not read."""
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json cannot be read: {str(err).splitlines()[0][:120]}"
+    if not isinstance(state, dict) or state.get("global_step") != step_of(ckpt):
+        return f"trainer_state.json does not name step {step_of(ckpt)}"
+    if not any((ckpt / w).is_file() for w in WEIGHTS):
+        return "the adapter weights are missing"
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and f.name != "training_args.bin":  # the pickled arguments are never loaded on resume
+            why = _unreadable(f)
+            if why:
+                return f"{f.name} {why}"
+    return None
+
+
+def set_aside_damaged(out: Path, cfg) -> list[str]:
+    """Before a resume: rename every checkpoint newer than the newest intact one to checkpoint-N.damaged (kept for
+    inspection, never resumed or rotated) and return one line for each. Damaged checkpoints and none intact: raise
+    UserError with the command that starts over, rather than silently training from step 0."""
+    notes = []
+    for ckpt in reversed(checkpoint_dirs(out)):
+        why = verify(ckpt)
+        if why is None:
+            return notes
+        aside = ckpt.with_name(ckpt.name + ".damaged")
+        remove(aside)
+        os.replace(ckpt, aside)
+        notes.append(f"{ckpt.name} is damaged ({why}); set aside as {aside.name}")
+    if notes:
+        start_over = shlex.join(["falcon-qlora", "train", "--config", str(Path(out) / "run_config.yaml"),
+                                 "--resume", "false", "--overwrite", "true"])
+        raise UserError(f"no intact checkpoint to resume from in {out}: {'; '.join(notes)}. Start over with: "
+                        f"{start_over}")
+    return notes
 
 
 def _fsync_tree(root: Path) -> None:
@@ -81,14 +175,14 @@ def staging_for(dst: Path) -> Path:
 def publish(src: Path, dst: Path) -> Path:
     """Rename a finished folder into place; an existing `dst` is moved aside first and deleted after."""
     _fsync_tree(src)
-    old = dst.with_name(f"{TRASH}{dst.name}") if dst.exists() else None
+    old = dst.with_name(f"{TRASH}{dst.name}") if os.path.lexists(dst) else None
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
         os.replace(dst, old)
     os.replace(src, dst)
     _fsync_dir(dst.parent)
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     return dst
 
 
@@ -96,13 +190,11 @@ def publish(src: Path, dst: Path) -> Path:
 def atomic_dir(dst: Path):
     """`with atomic_dir(out / "final") as tmp: save into tmp` -> `dst` appears complete or not at all."""
     dst = Path(dst)
-    tmp = staging_for(dst)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(staging_for(dst))
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     publish(tmp, dst)
 
@@ -114,8 +206,9 @@ def rotate(out: Path, keep: int | None) -> None:
         return
     for p in complete_checkpoints(out)[:-keep]:
         trash = p.with_name(f"{TRASH}{p.name}")
+        remove(trash)
         os.replace(p, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove(trash)
 
 
 def save_checkpoint_atomically(trainer, save, model, trial) -> None:
@@ -124,23 +217,42 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
     run_dir = Path(trainer.args.output_dir)
     name = f"checkpoint-{trainer.state.global_step}"
     staging = run_dir / f"{STAGING}{name}"
-    if trainer.args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer._staging_dir = str(staging)
     try:
-        save(model, trial)
-    finally:
-        trainer._staging_dir = None
-    trainer.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_<rank>.pth) are in
-    if not trainer.args.should_save:
-        return
-    config = run_dir / "run_config.yaml"
-    if config.is_file():  # every checkpoint is self-describing (chat/eval/merge read it)
-        shutil.copy2(config, staging / name / config.name)
-    publish(staging / name, run_dir / name)
-    shutil.rmtree(staging, ignore_errors=True)
+        if trainer.args.should_save:
+            fresh_dir(staging)
+        trainer.accelerator.wait_for_everyone()
+        trainer._staging_dir = str(staging)
+        try:
+            save(model, trial)
+        finally:
+            trainer._staging_dir = None
+        trainer.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_<rank>.pth) are in
+        if not trainer.args.should_save:
+            return
+        for extra in RUN_FILES:  # every checkpoint is self-describing (chat/eval/merge read these)
+            if (run_dir / extra).is_file():
+                shutil.copy2(run_dir / extra, staging / name / extra)
+        publish(staging / name, run_dir / name)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        remove(staging)  # give the space back; the checkpoints already published are untouched
+        raise disk_full(trainer.run_config, run_dir, f"writing {name}") from None
+    remove(staging)
     rotate(run_dir, trainer.args.save_total_limit)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+RUN_FILES = ("run_config.yaml", "base_fingerprint.json")  # copied from the run dir into every checkpoint
+
+
+def disk_full(cfg, out: Path, what: str) -> UserError:
+    """The one line for a disk that filled up during the run (after the start-up check passed)."""
+    found = complete_checkpoints(Path(out))
+    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+    then = f"resume with: {resume_command(cfg)}" if found and cfg is not None else "rerun"
+    return UserError(f"the disk of {out} is full (no space left on device) while {what}; {last}. Free some space, "
+                     f"then {then}")
 
 
 def load_finished(trainer, ckpt: Path) -> None:
@@ -190,6 +302,7 @@ class StopOnSignal:
 
         self.callback = SaveAndStop()
         self._previous = {}
+        self.final = False  # True while final/, metrics.jsonl and loss.png are written
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -198,8 +311,10 @@ class StopOnSignal:
                 raise KeyboardInterrupt
             return  # e.g. torchrun's SIGTERM after the terminal's SIGINT: already stopping
         self.signum = signum
-        os.write(2, f"\nfalcon-qlora: got {signal.Signals(signum).name}: finishing this step and saving a "
-                    "checkpoint (press Ctrl-C again to stop at once)\n".encode())
+        doing = "finishing the final adapter, metrics and plot" if self.final else \
+            "finishing this step and saving a checkpoint"
+        os.write(2, f"\nfalcon-qlora: got {signal.Signals(signum).name}: {doing} (press Ctrl-C again to stop at "
+                    "once)\n".encode())
 
     def __enter__(self):
         import threading
@@ -222,6 +337,20 @@ class StopOnSignal:
                 load_finished(trainer, Path(resume))
             else:
                 trainer.train(resume_from_checkpoint=resume)
+
+    @contextlib.contextmanager
+    def finishing(self, final: Path, show: bool = True):
+        """Signals caught while the final folder, metrics and plot are written: they are finished first (seconds),
+        then the run stops with one line (`show`: this process prints it) and status 130 instead of the push to the
+        hub or the return."""
+        self.final = True
+        with self:
+            yield
+        if self.signum is not None and show:
+            print(f"falcon-qlora: stopped by {signal.Signals(self.signum).name} after training finished; {final} "
+                  "and the metrics were written first and are complete", file=sys.stderr, flush=True)
+        if self.signum is not None:
+            raise KeyboardInterrupt
 
     def report(self, trainer, cfg) -> None:
         """After trainer.train(): if a signal stopped training early, print where it is saved and how to resume,

@@ -79,7 +79,8 @@ def _load_model(model: Path, path: str, cfg):
 
 
 def export(adapter: str | Path | None = None, out: str | Path = "model.gguf", quant: str = "f16",
-           model: str | Path | None = None, base: str | None = None, force: bool = False) -> Path:
+           model: str | Path | None = None, base: str | None = None, force: bool = False,
+           allow_other_base: bool = False) -> Path:
     """Merge (if given an adapter) and write `out` as GGUF plus `<out stem>.Modelfile`. Returns `out`."""
     from .merge import MARKER, checked_merge
     from .modelfile import chat_format, modelfile
@@ -109,7 +110,8 @@ def export(adapter: str | Path | None = None, out: str | Path = "model.gguf", qu
     final, need = estimate_bytes(config, quant)
     _check_disk(out.parent, need)
     if adapter is not None:
-        merged, tok, cfg, _, _ = checked_merge(adapter, "fp32", base)   # fp32: no rounding before the GGUF's own
+        # fp32: no rounding before the GGUF's own
+        merged, tok, cfg, _, _ = checked_merge(adapter, "fp32", base, allow_other_base)
         trained = True
     else:
         merged, tok = _load_model(src, path, cfg)
@@ -156,6 +158,8 @@ def cli(argv: list[str]) -> int:
                         f"needs falcon-qlora[gguf])")
     p.add_argument("--base", help="base model of the adapter (default: the one it was trained on)")
     p.add_argument("--force", action="store_true", help="overwrite --out and its Modelfile if they exist")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="merge into a --base whose weights differ from the one the adapter was trained on")
     a = p.parse_args(argv)
-    export(a.adapter, a.out, a.quant.lower(), a.model, a.base, a.force)
+    export(a.adapter, a.out, a.quant.lower(), a.model, a.base, a.force, a.allow_other_base)
     return 0

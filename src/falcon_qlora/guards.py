@@ -9,8 +9,10 @@ from pathlib import Path
 
 from .errors import UserError
 
-# Files falcon-qlora writes directly in output_dir (checkpoint-N folders are checked by prefix).
-OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "loss.png", "README.md")
+# Names falcon-qlora and its loggers write directly in output_dir (checkpoint-N and hub-* folders are checked by
+# prefix; the hidden .staging-* and .trash-* names are always recreated, see checkpoints.fresh_dir).
+OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "loss.png", "README.md",
+                "base_fingerprint.json", "runs", "wandb")
 
 
 class NonFiniteError(UserError):
@@ -150,5 +152,20 @@ def check_output_paths(out: Path) -> None:
     """Everything falcon-qlora will write under output_dir must stay there (e.g. no `final` symlink elsewhere)."""
     for name in OUTPUT_NAMES:
         inside(out, name)
-    for p in Path(out).glob("checkpoint-*"):
+    for p in [*Path(out).glob("checkpoint-*"), *Path(out).glob("hub-*")]:
         inside(out, p.name)
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes 0.50 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every import on CPUs
+    with AVX512-BF16 when the optional `kernels` package (a hub download) is absent or offline. Nothing is lost
+    (its own kernel is used), so that one message is dropped; the logger's other messages still show."""
+    import logging
+
+    class _DropKernelProbe(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(type(f).__name__ == "_DropKernelProbe" for f in logger.filters):
+        logger.addFilter(_DropKernelProbe())

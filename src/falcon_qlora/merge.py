@@ -53,9 +53,10 @@ def _logits(model, tok, device):
 
 
 def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str | None = None,
-          push_to_hub: str | None = None) -> Path:
+          push_to_hub: str | None = None, allow_other_base: bool = False) -> Path:
     """Dequantize the 4-bit base, merge the adapter, check logits against base + adapter, then write safetensors
-    shards, the tokenizer and a model card to `out`. Returns `out`.
+    shards, the tokenizer and a model card to `out`. Returns `out`. A base other than the one the adapter was
+    trained on (same shapes, other weights) is refused unless allow_other_base (then it is a warning).
 
     The check runs in fp32 on both sides (the 4-bit layers compute in fp32 for the reference), so it measures the
     merge and not the rounding of a bf16 forward; the merged weights are cast to `dtype` only afterwards."""
@@ -68,7 +69,7 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
         return out
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"{out} exists and is not empty: choose a new --out folder")
-    merged, tok, cfg, name, err = checked_merge(adapter, dtype, base)
+    merged, tok, cfg, name, err = checked_merge(adapter, dtype, base, allow_other_base)
     _write(merged, tok, cfg, adapter, out, name, err)
     if push_to_hub:
         from .publish import publish
@@ -76,19 +77,22 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "auto", base: str |
     return out
 
 
-def checked_merge(adapter: str | Path, dtype: str = "auto", base: str | None = None):
+def checked_merge(adapter: str | Path, dtype: str = "auto", base: str | None = None,
+                  allow_other_base: bool = False):
     """The merge and its check, nothing written (merge and export both call it): the 4-bit base + adapter computing
     in fp32 is the reference, the merged model must match it, then it is cast to `dtype`.
-    Returns (merged model in eval mode, tokenizer, run config, dtype name, relative logit error)."""
+    Returns (merged model in eval mode, tokenizer, run config, dtype name, relative logit error). A base other than
+    the one the adapter was trained on (same shapes, other weights) is refused unless allow_other_base (a warning)."""
     import torch
     from .config import make_config, to_dict
-    from .model import adapter_run_config, load_adapter_model, resolve_compute_dtype
+    from .model import adapter_run_config, load_adapter_model, resolve_compute_dtype, warn_other_base
     adapter = Path(adapter)
     cfg = adapter_run_config(adapter)
     name = dtype if dtype != "auto" else DTYPES[[torch.float32, torch.bfloat16, torch.float16].index(
         resolve_compute_dtype(cfg))]
     fp32 = make_config(**{**to_dict(cfg), "compute_dtype": "fp32"})
-    model, tok, _ = load_adapter_model(adapter, base=base, cfg=fp32)  # 4-bit base + adapter, computing in fp32
+    model, tok, _ = load_adapter_model(adapter, base=base, cfg=fp32,  # 4-bit base + adapter, computing in fp32
+                                       on_other_base=warn_other_base if allow_other_base else _refuse_other_base)
     device = next(p.device for p in model.parameters())
     reference = _logits(model, tok, device)
     merged = merged_model(model.unload(), adapter)
@@ -138,6 +142,11 @@ def _write(merged, tok, cfg, adapter: Path, out: Path, dtype: str, err: float) -
           f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _refuse_other_base(problem: str):
+    raise UserError(f"{problem}: the merged model would hold the adapter on other weights. Pass --base with the "
+                    "model it was trained on, or --allow_other_base to merge anyway")
+
+
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="falcon-qlora merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder written by `falcon-qlora train`")
@@ -146,6 +155,8 @@ def cli(argv: list[str]) -> int:
                    help="weights of the merged model (auto: the training compute dtype)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder to this hub repo")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="merge into a --base whose weights differ from the one the adapter was trained on")
     a = p.parse_args(argv)
-    merge(a.adapter, a.out, a.dtype, a.base, a.push_to_hub)
+    merge(a.adapter, a.out, a.dtype, a.base, a.push_to_hub, a.allow_other_base)
     return 0

@@ -56,28 +56,33 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
-    """Refuse to mix runs: an output dir with checkpoints needs --resume (continue) or --overwrite (start over)."""
-    from .checkpoints import clean_leftovers
+    """Refuse to mix runs: an output dir with checkpoints needs --resume (continue) or --overwrite (start over).
+    With --resume, damaged checkpoints are set aside here, before anything is loaded (checkpoints.verify)."""
+    import tempfile
+    from .checkpoints import checkpoint_dirs, clean_leftovers, remove, set_aside_damaged
     from .guards import check_output_paths
     out = Path(cfg.output_dir)
     if out.is_dir():
         check_output_paths(out)  # e.g. a `final` symlink that points elsewhere
         if dist.is_main():
             clean_leftovers(out)  # staging folders of a killed run
-    existing = checkpoints(out) if out.is_dir() else []
+    existing = checkpoint_dirs(out)
     if existing and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume to continue that run, "
                         "--overwrite to start over, or choose another --output_dir")
     if existing and cfg.overwrite and dist.is_main():
         for p in out.glob("checkpoint-*"):
-            shutil.rmtree(p)
+            remove(p)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{dist.rank()}"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # a new name: never follows a planted link
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise UserError(f"output_dir {out} is not writable ({err.strerror}): choose another --output_dir") from None
+    if cfg.resume and dist.is_main():
+        for note in set_aside_damaged(out, cfg):
+            print(f"falcon-qlora: {note}", file=sys.stderr, flush=True)
     return out
 
 
@@ -89,6 +94,52 @@ def _netrc_has(host: str) -> bool:
         return False
 
 
+_WANDB_DIR_SET = []  # the WANDB_DIR values set here (a value the user set is left alone)
+WANDB_PROBE_SECONDS = 3.0
+
+
+def wandb_env(cfg: RunConfig) -> None:
+    """W&B writes under output_dir (WANDB_DIR, unless you set it), and never hangs on a login prompt or a network
+    that is not there: without credentials, or when the service does not answer within a few seconds, it logs
+    offline (one line says so and how to upload later)."""
+    if os.environ.get("WANDB_DIR") in (None, *_WANDB_DIR_SET):
+        os.environ["WANDB_DIR"] = str(Path(cfg.output_dir).resolve())
+        _WANDB_DIR_SET.append(os.environ["WANDB_DIR"])
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if not (os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")):
+        os.environ["WANDB_MODE"] = "offline"  # no credentials: log locally, never prompt for a login
+        return
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    problem = _unreachable(url, WANDB_PROBE_SECONDS)
+    if problem and dist.is_main():
+        print(f"falcon-qlora: W&B at {url} {problem}: logging offline into {os.environ['WANDB_DIR']}/wandb; upload "
+              f"later with: wandb sync {os.environ['WANDB_DIR']}/wandb/offline-run-*", file=sys.stderr, flush=True)
+    if problem:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def _unreachable(url: str, seconds: float) -> str | None:
+    """Why a TCP connection to `url`'s host cannot be made within `seconds` (name lookup included), or None."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((u.hostname, port), timeout=seconds).close()
+            result.append(None)
+        except OSError as err:
+            result.append(f"is unreachable ({err.strerror or err})")
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(seconds)
+    return result[0] if result else f"did not answer within {seconds:g} s"
+
+
 def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     """Our config -> TRL's SFTConfig (one place that knows the mapping)."""
     import torch
@@ -98,8 +149,8 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
         if importlib.util.find_spec(cfg.report_to) is None:
             raise UserError(f"report_to={cfg.report_to} needs the {cfg.report_to} package: pip install "
                             f"{cfg.report_to}, or set report_to=none")
-    if cfg.report_to == "wandb" and not (os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")):
-        os.environ.setdefault("WANDB_MODE", "offline")  # no credentials: log locally, never prompt for a login
+    if cfg.report_to == "wandb":
+        wandb_env(cfg)
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
     return SFTConfig(
         output_dir=cfg.output_dir, **dist.trainer_kwargs(dist.batch_plan(cfg)),
@@ -175,9 +226,9 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     loaded from the config. Returns where things were written and the final metrics."""
     from transformers.trainer_utils import set_seed
     from . import data as D
-    from .model import (attach_lora, check_trainable_layout, load_base_model, load_tokenizer,
-                        resolve_compute_dtype, trainable_summary)
-    from .checkpoints import StopOnSignal, publish, staging_for
+    from .model import (attach_lora, check_trainable_layout, count_linear4bit, load_base_model, load_tokenizer,
+                        resolve_compute_dtype, save_fingerprint, trainable_summary)
+    from .checkpoints import StopOnSignal
     from .throughput import summary as throughput_summary
     from .guards import check_bitsandbytes, check_disk, inside
     started = time.perf_counter()
@@ -189,6 +240,8 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     out = prepare_output_dir(cfg)
     dist.barrier()
     train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset)  # before any model is loaded
+    if dist.is_main():  # before any model loads, so that a run killed while loading can be resumed
+        save_run_config(cfg, out)
     tok = tokenizer or load_tokenizer(cfg.model_name_or_path, cfg)
     if dist.is_main():
         D.summarize(train_ds, tok, cfg, "train")
@@ -202,11 +255,11 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         model = attach_lora(model, cfg)
     check_trainable_layout(model, "training")  # a model passed in may have been repacked by an earlier eval
     plan = dist.batch_plan(cfg)
-    run_config = out / "run_config.yaml"
     if dist.is_main():
-        save_run_config(cfg, out)
-        print(f"{trainable_summary(model)}; {plan.describe()}; up to {plan.effective * cfg.max_length:,} tokens "
-              "per step")
+        save_fingerprint(cfg.model_name_or_path, out)  # chat/eval/merge check the base against it
+        four_bit = f"{count_linear4bit(model)} bnb Linear4bit layers; " if cfg.load_in_4bit else ""
+        print(f"{four_bit}{trainable_summary(model)}; {plan.describe()}; up to {plan.effective * cfg.max_length:,} "
+              "tokens per step")
     check_disk(cfg, model)  # the checkpoints kept under save_total_limit must fit on the disk
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, print how to resume
     trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[stop.callback])
@@ -226,19 +279,10 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         print(speed)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    final, staging = inside(out, "final"), staging_for(out / "final")
-    if dist.is_main():
-        shutil.rmtree(staging, ignore_errors=True)
-    dist.barrier()
-    dist.save_adapter(trainer, staging)  # every process calls it (FSDP gathers); only the main one writes
+    final = inside(out, "final")
     history = trainer.state.log_history
-    if dist.is_main():
-        tok.save_pretrained(staging)
-        shutil.copy2(run_config, staging / run_config.name)
-        publish(staging, final)  # final/ appears complete or not at all
-        write_metrics(out, history)
-        plot = plot_losses(out, history)
-        print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
+    with stop.finishing(final, show=dist.is_main()):  # a SIGTERM now lets these few seconds of writing finish
+        save_final(trainer, tok, cfg, out, final, history)
     dist.barrier()  # no process returns before the final folder is complete
     if cfg.push_to_hub and dist.is_main():
         from .publish import publish as push  # not checkpoints.publish, which moved final/ into place above
@@ -247,6 +291,33 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     remove_profile(trainer.model)  # the returned model generates with the stock forward, outside autocast
     return TrainResult(output_dir=out, final_dir=final, metrics=metrics, log_history=history, model=trainer.model,
                        tokenizer=tok)
+
+
+def save_final(trainer, tok, cfg: RunConfig, out: Path, final: Path, history: list) -> None:
+    """final/ (adapter, tokenizer, run files) through a staging folder, then metrics.jsonl and loss.png. A full disk
+    ends in one line naming the last good checkpoint and the resume command."""
+    from .checkpoints import RUN_FILES, disk_full, fresh_dir, publish, remove, staging_for, DISK_FULL
+    staging = staging_for(out / "final")
+    try:
+        if dist.is_main():
+            fresh_dir(staging)
+        dist.barrier()
+        dist.save_adapter(trainer, staging)  # every process calls it (FSDP gathers); only the main one writes
+        if not dist.is_main():
+            return
+        tok.save_pretrained(staging)
+        for name in RUN_FILES:
+            if (out / name).is_file():
+                shutil.copy2(out / name, staging / name)
+        publish(staging, final)  # final/ appears complete or not at all
+        write_metrics(out, history)
+        plot = plot_losses(out, history)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        remove(staging)
+        raise disk_full(cfg, out, "writing the final adapter") from None
+    print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
 
 
 def parse_args(argv: list[str], prog: str = "falcon-qlora train") -> RunConfig:
