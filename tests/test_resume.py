@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,3 +221,140 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(chain, sig):
     # the next run, started with exactly that command, continued from that checkpoint
     nxt = chain["results"][2 + chain["hooks"].index(hook)]["log"]
     assert f"resuming from {chain['out'] / f'checkpoint-{step}'}" in nxt
+
+
+# ---------------------------------------------------------------------------------- damaged checkpoints
+def _small_argv(model, data, out, **kw) -> list[str]:
+    argv = ["train"]
+    kw = {"max_steps": 4, "save_steps": 2, "save_total_limit": None, "eval_split": None, **kw}
+    for k, v in tiny_overrides(model, data, out, **kw).items():
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_falcon_7b_arch, tiny_data, tmp_path_factory):
+    """A finished run with checkpoint-2, checkpoint-4 and final/ (both checkpoints intact)."""
+    from falcon_qlora.cli import main
+    out = tmp_path_factory.mktemp("damaged") / "run"
+    assert main(_small_argv(tiny_falcon_7b_arch, tiny_data, out)) == 0
+    return out
+
+
+def _truncate(f: Path):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+DAMAGE = {  # file -> how it is damaged -> what verify says
+    "truncated optimizer.pt": ("optimizer.pt", _truncate, "optimizer.pt cannot be read"),
+    "empty optimizer.pt": ("optimizer.pt", lambda f: f.write_bytes(b""), "optimizer.pt is empty"),
+    "truncated adapter": ("adapter_model.safetensors", _truncate, "adapter_model.safetensors cannot be read"),
+    "truncated rng state": ("rng_state.pth", _truncate, "rng_state.pth cannot be read"),
+    "truncated scheduler": ("scheduler.pt", _truncate, "scheduler.pt cannot be read"),
+    "broken trainer state": ("trainer_state.json", lambda f: f.write_text('{"global_step": 4, '),
+                             "trainer_state.json cannot be read"),
+}
+
+
+def _damaged_copy(finished, tmp_path, case, which=("checkpoint-4",)) -> Path:
+    """A copy of the finished run (its run_config.yaml pointing at the copy) with files of `which` damaged."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, symlinks=True)
+    config = out / "run_config.yaml"
+    config.write_text(config.read_text().replace(str(finished), str(out)))
+    name, damage, _ = DAMAGE[case]
+    for ck in which:
+        damage(out / ck / name)
+    return out
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_newest_checkpoint_is_set_aside_for_the_previous_one(case, finished, tmp_path, capsys):
+    """Every file a resume loads is read back first; the damaged newest checkpoint is named in one line, set aside
+    as checkpoint-4.damaged, and the intact checkpoint-2 becomes the newest."""
+    from falcon_qlora.checkpoints import verify
+    from falcon_qlora.config import make_config
+    from falcon_qlora.train import checkpoints, prepare_output_dir
+    out = _damaged_copy(finished, tmp_path, case)
+    assert verify(finished / "checkpoint-4") is None
+    assert DAMAGE[case][2] in verify(out / "checkpoint-4")
+    prepare_output_dir(make_config(output_dir=str(out), resume=True))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("falcon-qlora: checkpoint-4 is damaged (") and DAMAGE[case][2] in err[0]
+    assert "set aside as checkpoint-4.damaged" in err[0]
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"] and (out / "checkpoint-4.damaged").is_dir()
+
+
+def test_resume_past_a_damaged_checkpoint_ends_with_the_same_adapter(finished, tiny_falcon_7b_arch, tiny_data,
+                                                                      tmp_path, capsys):
+    """The resume command, with checkpoint-4's optimizer state truncated: it continues from checkpoint-2 and ends
+    with the adapter of the undamaged run."""
+    from falcon_qlora.cli import main
+    out = _damaged_copy(finished, tmp_path, "truncated optimizer.pt")
+    shutil.rmtree(out / "final")
+    assert main(["train", "--config", str(out / "run_config.yaml"), "--resume", "true"]) == 0
+    printed = capsys.readouterr()
+    assert "checkpoint-4 is damaged (optimizer.pt cannot be read" in printed.err
+    assert f"resuming from {out / 'checkpoint-2'}" in printed.out
+    a, b = _adapter(finished / "final"), _adapter(out / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_no_intact_checkpoint_is_one_line_with_how_to_start_over(finished, tmp_path, capsys):
+    from falcon_qlora.cli import main
+    out = _damaged_copy(finished, tmp_path, "broken trainer state", which=("checkpoint-2", "checkpoint-4"))
+    assert main(["train", "--config", str(out / "run_config.yaml"), "--resume", "true"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"falcon-qlora train: error: no intact checkpoint to resume "
+                                                   f"from in {out}: checkpoint-4 is damaged"), lines
+    assert "checkpoint-2 is damaged" in lines[0]
+    cmd = shlex.split(lines[0].split("Start over with: ", 1)[1])
+    assert cmd == ["falcon-qlora", "train", "--config", str(out / "run_config.yaml"), "--resume", "false",
+                   "--overwrite", "true"]
+
+
+def test_killed_while_the_model_loads_resumes_with_the_printed_command(tiny_falcon_7b_arch, tiny_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    """run_config.yaml is written before any model loads, so `--config <out>/run_config.yaml --resume true` works
+    after a kill during the (minutes-long, on a 7B) model load."""
+    import falcon_qlora.model as M
+    from falcon_qlora.cli import main
+    out = tmp_path / "run"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+    with monkeypatch.context() as m:
+        m.setattr(M, "load_base_model", killed)
+        assert main(_small_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2)) == 130
+    assert (out / "run_config.yaml").is_file()
+    assert main(["train", "--config", str(out / "run_config.yaml"), "--resume", "true"]) == 0
+    assert f"no checkpoint in {out}: starting from step 0" in capsys.readouterr().out
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_while_final_is_written_finishes_it_then_stops(tiny_falcon_7b_arch, tiny_data, tmp_path,
+                                                                monkeypatch, capsys):
+    """SIGTERM arriving while final/, metrics.jsonl and loss.png are written: they are finished, then one line and
+    exit status 130 (not a silent death by the signal with no loss.png)."""
+    import falcon_qlora.train as T
+    from falcon_qlora.cli import main
+
+    def unexpected(signum, frame):  # only reached if falcon-qlora does not catch the signal itself
+        raise RuntimeError("SIGTERM was not handled by falcon-qlora")
+    previous = signal.signal(signal.SIGTERM, unexpected)
+    real = T.write_metrics
+
+    def write_metrics(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(T, "write_metrics", write_metrics)
+    out = tmp_path / "run"
+    try:
+        code = main(_small_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert code == 130, err[-2000:]
+    assert f"stopped by SIGTERM after training finished; {out / 'final'}" in err
+    assert (out / "loss.png").is_file() and (out / "metrics.jsonl").is_file()
+    assert (out / "final" / "adapter_model.safetensors").is_file()

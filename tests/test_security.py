@@ -3,6 +3,7 @@ file of the run directory, and nothing written outside the output directory."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -113,10 +114,10 @@ def test_planted_token_scan_finds_a_leak(tmp_path):
     assert files_with_secrets(tmp_path, [TOKENS["HF_TOKEN"]]) == [tmp_path / "training_args.bin"]
 
 
-@pytest.mark.parametrize("name", ["final", "checkpoint-2"])
+@pytest.mark.parametrize("name", ["final", "checkpoint-2", "runs", "wandb", "hub-someone--tiny"])
 def test_output_paths_cannot_escape_the_output_dir(name, tiny_falcon_7b_arch, tiny_data, tmp_path, capsys):
-    """A `final` or `checkpoint-N` entry that links outside the output dir is refused before anything is written
-    through it."""
+    """An entry falcon-qlora or its loggers write through (`final`, `checkpoint-N`, tensorboard's `runs`, W&B's
+    `wandb`, a hub folder) that links outside the output dir is refused before anything is written through it."""
     from falcon_qlora.cli import main
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -138,3 +139,103 @@ def test_inside_rejects_dotdot_and_accepts_children(tmp_path):
     for bad in ("../x", "final/../../x", "/etc/passwd"):
         with pytest.raises(UserError, match="outside the output directory"):
             inside(tmp_path, bad)
+
+
+HIDDEN = (".staging-final", ".staging-checkpoint-1", ".staging-checkpoint-2", ".trash-checkpoint-1", ".trash-final")
+
+
+def test_planted_links_on_hidden_names_are_replaced_not_followed(tiny_falcon_7b_arch, tiny_data, tmp_path, capsys):
+    """Links named like falcon-qlora's staging and trash folders, planted before a run that saves, rotates and
+    replaces final/, are removed (not followed): the run succeeds and nothing lands where they pointed."""
+    from falcon_qlora.cli import main
+    out, targets = tmp_path / "run", {}
+    out.mkdir()
+    (out / "final").mkdir()  # an earlier final/, moved to .trash-final when the new one is published
+    for name in HIDDEN:
+        targets[name] = tmp_path / f"elsewhere{name}"
+        targets[name].mkdir()
+        (out / name).symlink_to(targets[name], target_is_directory=True)
+    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2, save_steps=1, save_total_limit=1,
+                      eval_split=None))
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert all(list(t.iterdir()) == [] for t in targets.values())
+    assert not any(os.path.lexists(out / name) for name in HIDDEN)
+    assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final").is_symlink()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("step", ["atomic_dir", "publish", "rotate"])
+def test_each_write_step_replaces_a_link_it_finds(step, tmp_path):
+    """The same at the moment of writing (a link appearing after the run started): the staging folder, the trash
+    name used to replace a folder, and the trash name used to rotate a checkpoint are made fresh."""
+    import json
+    from falcon_qlora import checkpoints as C
+    out, away = tmp_path / "run", tmp_path / "elsewhere"
+    out.mkdir()
+    away.mkdir()
+    if step == "atomic_dir":
+        (out / ".staging-final").symlink_to(away, target_is_directory=True)
+        with C.atomic_dir(out / "final") as tmp:
+            (tmp / "adapter_model.safetensors").write_text("w")
+    else:
+        for n in (1, 2):
+            ck = out / f"checkpoint-{n}"
+            ck.mkdir()
+            (ck / "trainer_state.json").write_text(json.dumps({"global_step": n}))
+            (ck / "adapter_model.safetensors").write_text("w")
+        (out / ".trash-checkpoint-1").symlink_to(away, target_is_directory=True)
+        if step == "publish":
+            new = out / "new"
+            new.mkdir()
+            C.publish(new, out / "checkpoint-1")
+        else:
+            C.rotate(out, keep=1)
+    assert list(away.iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == {"atomic_dir": ["final"], "publish": ["checkpoint-1", "checkpoint-2"],
+                                                      "rotate": ["checkpoint-2"]}[step]
+
+
+def test_wandb_writes_under_the_output_dir(tmp_path, monkeypatch):
+    """W&B's run folder goes under output_dir (it defaults to the current directory), unless WANDB_DIR is set."""
+    from falcon_qlora.config import make_config
+    from falcon_qlora.train import wandb_env
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb_env(make_config(output_dir=str(tmp_path / "run")))
+    assert os.environ["WANDB_DIR"] == str((tmp_path / "run").resolve())
+    wandb_env(make_config(output_dir=str(tmp_path / "run2")))  # a second run in the same process moves it along
+    assert os.environ["WANDB_DIR"] == str((tmp_path / "run2").resolve())
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    wandb_env(make_config(output_dir=str(tmp_path / "run3")))
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "mine")
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+def test_unreachable_wandb_falls_back_to_offline_in_seconds(how, tmp_path, monkeypatch, capsys):
+    """With a W&B key but no service (a refused connection, or one that never answers), the run logs offline after
+    at most a few seconds and says so in one line, instead of wandb's ~100 s of retries and a traceback."""
+    import socket
+    import time
+    import falcon_qlora.train as T
+    from falcon_qlora.config import make_config
+    monkeypatch.setenv("WANDB_API_KEY", TOKENS["WANDB_API_KEY"])
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    if how == "silent":
+        monkeypatch.setattr(T, "WANDB_PROBE_SECONDS", 0.5)
+        monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    start = time.monotonic()
+    T.wandb_env(make_config(output_dir=str(tmp_path), report_to="wandb"))
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert len(err) == 1 and {"refused": "is unreachable (", "silent": "did not answer within 0.5 s"}[how] in err[0], err
+    assert f"wandb sync {tmp_path.resolve()}/wandb/" in err[0] and TOKENS["WANDB_API_KEY"] not in err[0]
