@@ -177,3 +177,63 @@ def test_the_divergence_check_can_be_switched_off(tiny_falcon_7b_arch, tiny_data
     assert main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=9, save_steps=100,
                       divergence_factor="None")) == 0
     assert (out / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_disk_full_during_the_run_names_the_last_good_checkpoint(where, tiny_falcon_7b_arch, tiny_data, tmp_path,
+                                                                 monkeypatch, capsys):
+    """The disk filling up after the start-up check passed (simulated: ENOSPC from the save of checkpoint-4's
+    optimizer state, or from the metrics written after final/): one line with the last good checkpoint and the
+    resume command; nothing half-written is left behind and checkpoint-2 still loads."""
+    import errno
+    import falcon_qlora.train as T
+    from falcon_qlora.checkpoints import resume_command, verify
+    from falcon_qlora.cli import main
+    from falcon_qlora.config import make_config
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith("checkpoint-4/optimizer.pt"):
+            full()
+        return real_save(obj, f, *a, **k)
+    if where == "checkpoint":
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        monkeypatch.setattr(T, "write_metrics", full)
+    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=4, save_steps=2, eval_split=None))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    cfg = make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out))
+    assert code == 2 and lines[-1].startswith(f"falcon-qlora train: error: the disk of {out} is full"), lines[-3:]
+    last = "checkpoint-4" if where == "final" else "checkpoint-2"
+    assert f"the last good checkpoint is {out / last}" in lines[-1] and resume_command(cfg) in lines[-1]
+    assert not list(out.glob(".staging-*")) and verify(out / last) is None
+
+
+def test_bitsandbytes_kernel_probe_message_is_silenced(caplog):
+    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" at import on CPUs with
+    AVX512-BF16; importing falcon_qlora drops that one message and nothing else from that logger."""
+    import logging
+    import falcon_qlora  # noqa: F401  (installs the filter)
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+        log.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_importing_bitsandbytes_through_falcon_qlora_prints_no_kernel_message():
+    import subprocess
+    import sys
+
+    def stderr_of(code):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr + proc.stdout
+    if "gemm_4bit_forward" not in stderr_of("import bitsandbytes"):
+        pytest.skip("bitsandbytes logs no kernel message on this CPU (it has no AVX512-BF16, or kernels loaded)")
+    assert "gemm_4bit_forward" not in stderr_of("import falcon_qlora.model, bitsandbytes, bitsandbytes.functional")
