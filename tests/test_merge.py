@@ -100,3 +100,45 @@ def test_an_adapter_merged_into_another_base_of_the_same_shape_is_refused(tiny_a
     with pytest.raises(UserError, match="merge is wrong"):
         merge(tiny_adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------ a base of the same shapes, other weights
+@pytest.fixture(scope="module")
+def other_seed(tmp_path_factory):
+    """The 7B-style tiny Falcon again, same shapes and tokenizer, other random weights (seed 1)."""
+    from tiny import build_falcon
+    return build_falcon(tmp_path_factory.mktemp("seed1"), new_decoder_architecture=False, seed=1)
+
+
+def test_fingerprint_tells_same_shaped_bases_apart(tiny_adapter, tiny_falcon_7b_arch, other_seed, tmp_path):
+    """What train recorded equals what is computed at load time; a copy matches, another seed does not."""
+    import json
+    import shutil
+    from falcon_qlora.model import FINGERPRINT_FILE, base_fingerprint
+    recorded = json.loads((tiny_adapter / FINGERPRINT_FILE).read_text())
+    assert recorded == {"base": str(tiny_falcon_7b_arch), "fingerprint": base_fingerprint(str(tiny_falcon_7b_arch))}
+    assert base_fingerprint(str(shutil.copytree(tiny_falcon_7b_arch, tmp_path / "copy"))) == recorded["fingerprint"]
+    assert base_fingerprint(str(other_seed)) != recorded["fingerprint"]
+    assert (tiny_adapter.parent / FINGERPRINT_FILE).is_file()
+
+
+def test_chat_and_eval_warn_in_one_line_on_another_base(tiny_adapter, tiny_falcon_7b_arch, other_seed, capsys):
+    from falcon_qlora.model import load_adapter_model
+    load_adapter_model(tiny_adapter, base=str(tiny_falcon_7b_arch))
+    assert "warning" not in capsys.readouterr().err
+    model, _, _ = load_adapter_model(tiny_adapter, base=str(other_seed))  # a deliberate --base still loads
+    warned = [x for x in capsys.readouterr().err.splitlines() if "falcon-qlora: warning:" in x]
+    assert len(warned) == 1 and f"{other_seed} is not the base this adapter was trained on" in warned[0]
+    assert str(tiny_falcon_7b_arch) in warned[0] and model is not None
+
+
+def test_merge_refuses_another_base_unless_allowed(tiny_adapter, other_seed, tmp_path, capsys):
+    from falcon_qlora.merge import cli
+    with pytest.raises(UserError) as err:
+        merge(tiny_adapter, tmp_path / "m", base=str(other_seed))
+    assert "\n" not in str(err.value) and "--allow_other_base" in str(err.value)
+    assert f"{other_seed} is not the base this adapter was trained on" in str(err.value)
+    assert not (tmp_path / "m").exists()
+    assert cli(["--adapter", str(tiny_adapter), "--out", str(tmp_path / "m"), "--base", str(other_seed),
+                "--allow_other_base"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file() and "warning" in capsys.readouterr().err
