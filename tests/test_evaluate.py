@@ -66,3 +66,32 @@ def test_missing_data_is_one_clear_line(tiny_adapter, tmp_path):
     with pytest.raises(UserError, match="no held-out data") as err:
         evaluate(tiny_adapter, data=str(tmp_path / "nope.jsonl"))
     assert "\n" not in str(err.value)
+
+
+def test_trainer_eval_loss_is_a_mean_of_batch_means_and_eval_weighs_every_token(tiny_falcon, tiny_data, tmp_path):
+    """Why `eval` and the trainer's eval_loss can differ: the trainer averages each batch's mean token loss
+    (weighted by rows), eval averages over all tokens. With held-out batches of different token counts (12 rows in
+    batches of 8: four long rows in the second batch) the two differ, and the trainer's number is exactly the
+    row-weighted mean of eval's per-batch scores. With equal-length rows they coincide (test above)."""
+    from tiny import guanaco_rows, write_jsonl
+    from falcon_qlora.config import make_config
+    from falcon_qlora.model import load_adapter_model
+    from falcon_qlora.train import train
+    from conftest import tiny_overrides
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", guanaco_rows(32, seed=0))
+    rows = guanaco_rows(12, seed=99)
+    for r in rows[8:]:
+        r["text"] += " what is the colour of the sky? blue. name a colour: red green yellow"
+    write_jsonl(data / "test.jsonl", rows)
+    run = train(make_config(**tiny_overrides(tiny_falcon, data, tmp_path / "run", max_steps=2, save_steps=100)))
+    model, tok, _ = load_adapter_model(run.final_dir)
+    texts = [r["text"] for r in rows]
+    batches = [score(model, tok, texts[i:i + 8]) for i in (0, 8)]
+    row_weighted = sum(b["loss"] * b["rows"] for b in batches) / len(texts)
+    assert run.metrics["eval_loss"] == pytest.approx(row_weighted, rel=1e-5)
+    token_mean = evaluate(run.final_dir)["adapter"]["loss"]
+    assert token_mean == pytest.approx(sum(b["loss"] * b["tokens"] for b in batches) / sum(b["tokens"] for b in
+                                                                                         batches), rel=1e-6)
+    assert abs(token_mean - run.metrics["eval_loss"]) > 1e-3

@@ -87,10 +87,11 @@ def test_every_training_row_ends_with_eos(tiny_falcon_7b_arch, tiny_data, tmp_pa
     assert all(tok.pad_token_id not in r for r in rows)
 
 
-def test_both_decoder_architectures_train(tiny_falcon, tiny_data, tmp_path):
+def test_both_decoder_architectures_train(tiny_falcon, tiny_data, tmp_path, capsys):
     result = train(load_config(**tiny_overrides(tiny_falcon, tiny_data, tmp_path, max_steps=4, eval_split=None)))
     ls = losses(result.log_history)
     assert ls[-1] < ls[0]
+    assert "8 bnb Linear4bit layers; trainable parameters:" in capsys.readouterr().out  # 4 linears x 2 layers
 
 
 def test_train_without_a_gpu_names_the_demo(capsys):
