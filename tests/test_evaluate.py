@@ -68,7 +68,7 @@ def test_missing_data_is_one_clear_line(tiny_adapter, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_trainer_eval_loss_is_a_mean_of_batch_means_and_eval_weighs_every_token(tiny_falcon, tiny_data, tmp_path):
+def test_trainer_eval_loss_is_a_mean_of_batch_means_and_eval_weighs_every_token(tiny_falcon_7b_arch, tmp_path):
     """Why `eval` and the trainer's eval_loss can differ: the trainer averages each batch's mean token loss
     (weighted by rows), eval averages over all tokens. With held-out batches of different token counts (12 rows in
     batches of 8: four long rows in the second batch) the two differ, and the trainer's number is exactly the
@@ -85,7 +85,8 @@ def test_trainer_eval_loss_is_a_mean_of_batch_means_and_eval_weighs_every_token(
     for r in rows[8:]:
         r["text"] += " what is the colour of the sky? blue. name a colour: red green yellow"
     write_jsonl(data / "test.jsonl", rows)
-    run = train(make_config(**tiny_overrides(tiny_falcon, data, tmp_path / "run", max_steps=2, save_steps=100)))
+    run = train(make_config(**tiny_overrides(tiny_falcon_7b_arch, data, tmp_path / "run", max_steps=2,
+                                             save_steps=100)))
     model, tok, _ = load_adapter_model(run.final_dir)
     texts = [r["text"] for r in rows]
     batches = [score(model, tok, texts[i:i + 8]) for i in (0, 8)]

@@ -81,16 +81,16 @@ def clean_leftovers(out: Path) -> None:
 
 
 def _unreadable(f: Path) -> str | None:
-    """Why `f` cannot be loaded the way a resume loads it, or None. Zip-format .pt files are opened with mmap,
-    which reads their index at the end of the file (what a truncation loses) without reading the tensors."""
+    """Why `f` cannot be loaded the way a resume loads it, or None. Cheap on a 7B's checkpoint: safetensors checks
+    at open that its header covers the whole file, and zip-format .pt files are opened with mmap, which reads their
+    index at the end of the file (what a truncation loses), not the tensors."""
     try:
         if f.suffix in (".safetensors", ".pt", ".pth", ".bin", ".json") and f.stat().st_size == 0:
             return "is empty"
         if f.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(f), "pt") as sf:
-                for key in sf.keys():
-                    sf.get_tensor(key)
+                sf.keys()
         elif f.suffix in (".pt", ".pth", ".bin"):
             import torch
             from transformers.trainer_pt_utils import safe_globals  # numpy RNG states, as Trainer loads them
