@@ -2,7 +2,7 @@
 
     python3 bench/demo_memory.py --out demo_memory.json [--steps 3] [--profiles speed] [--model FOLDER]
 
-Records torch's CUDA allocator history while `estimate.measure_training_peak` trains, replays it to the moment of
+Records torch's CUDA allocator history while `measure.training_peak` trains, replays it to the moment of
 the largest allocated total after training started, and groups the blocks live then by where they were allocated
 (the innermost frame outside torch's own modules, plus the innermost torch.nn / torch.utils frame).
 """
@@ -57,7 +57,7 @@ def main() -> None:
     import torch
     from falcon_qlora.config import load_config
     from falcon_qlora.embedded import smollm2_path
-    from falcon_qlora.estimate import measure_training_peak
+    from falcon_qlora.measure import training_peak
     model = None
     if args.model:
         import shutil
@@ -75,7 +75,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-        peak = measure_training_peak(cfg)
+        peak = training_peak(cfg)
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         trace = snap["device_traces"][torch.cuda.current_device()]

