@@ -13,7 +13,6 @@ its name only when complete.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
@@ -148,7 +147,8 @@ def _write_atomically(out: Path, merged, tok, template: str, quant: str, name: s
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="falcon-qlora export", description=__doc__.split("\n\n")[0])
+    from .cli import CommandParser
+    p = CommandParser(prog="falcon-qlora export", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="adapter folder written by `falcon-qlora train` (merged as `merge` does)")
     src.add_argument("--model", help="a merged or plain transformers model folder (or the alias smollm2-135m)")

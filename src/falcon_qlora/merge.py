@@ -1,7 +1,7 @@
 """Merge an adapter into a dequantized copy of its base: a plain transformers model, no peft or bitsandbytes needed.
 
     falcon-qlora merge --adapter results/final --out merged            # bf16 on a GPU, fp32 on a CPU
-    falcon-qlora merge --adapter results/final --out merged --dtype fp32 --push-to-hub me/falcon-7b-guanaco
+    falcon-qlora merge --adapter results/final --out merged --dtype fp32 --push_to_hub me/falcon-7b-guanaco
     from falcon_qlora.merge import merge; merge("results/final", "merged")
 
 The adapter was trained against the NF4-rounded base, so that is what it is merged into: the 4-bit layers are
@@ -11,7 +11,6 @@ folder again does nothing.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -148,13 +147,14 @@ def _refuse_other_base(problem: str):
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="falcon-qlora merge", description=__doc__.split("\n\n")[0])
+    from .cli import CommandParser
+    p = CommandParser(prog="falcon-qlora merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder written by `falcon-qlora train`")
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights of the merged model (auto: the training compute dtype)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder to this hub repo")
+    p.add_argument("--push_to_hub", metavar="REPO", help="upload the merged folder to this hub repo")
     p.add_argument("--allow_other_base", action="store_true",
                    help="merge into a --base whose weights differ from the one the adapter was trained on")
     a = p.parse_args(argv)

@@ -2,7 +2,7 @@
 model card with the recipe and metrics), then one upload with huggingface_hub.
 
     falcon-qlora train ... --push_to_hub me/falcon-7b-guanaco-qlora      # the adapter, at the end of training
-    falcon-qlora merge --adapter results/final --out merged --push-to-hub me/falcon-7b-guanaco
+    falcon-qlora merge --adapter results/final --out merged --push_to_hub me/falcon-7b-guanaco
     from falcon_qlora.publish import publish; publish("results/final", "me/my-adapter")
 
 The folder is built (and kept) before anything touches the network, so an upload that fails leaves a folder that can
