@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("falcon_qlora.train", "cli", "QLoRA-train an adapter (the reference recipe by default)."),
     "demo": ("falcon_qlora.demo", "cli", "Offline demo: SmolLM2-135M learns a small task on the CPU in minutes."),
     "chat": ("falcon_qlora.chat", "cli", "Chat with a base model plus adapter (REPL or --prompt)."),
+    "serve": ("falcon_qlora.serve", "cli", "Web chat (base vs adapter side by side) and an OpenAI-compatible API."),
     "eval": ("falcon_qlora.evaluate", "cli", "Eval loss, perplexity and token accuracy: base vs adapter."),
     "merge": ("falcon_qlora.merge", "cli", "Merge an adapter into a dequantized copy of the base."),
     "export": ("falcon_qlora.export", "cli", "Merge and write one GGUF file (llama.cpp, Ollama) plus a Modelfile."),

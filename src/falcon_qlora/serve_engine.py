@@ -1,0 +1,192 @@
+"""The generation side of `falcon-qlora serve`: one model, one request at a time, a bounded queue in front of it.
+
+A worker thread owns the model. Requests become Jobs; `Engine.submit` puts one in the queue or raises QueueFull (the
+server answers 429). The worker runs `model.generate` with a streamer that cuts the text at the first stop string
+(the chat template's next user turn, or the request's `stop`), holds back any tail that could still become one, and
+hands the rest to the job's asyncio queue. A StoppingCriteria ends generation at a stop string or as soon as the job
+is cancelled (the client went away), so an abandoned request costs at most one more token.
+The base model's answer for side-by-side comparison comes from the same weights with the adapter switched off.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .chat import ASSISTANT, HUMAN
+
+
+def chat_template():
+    """The template module that owns the run's chat template, or None where it is not available."""
+    try:
+        from . import template
+    except ImportError:
+        return None
+    return template
+
+
+def prepare_tokenizer(tok) -> None:
+    """Give the tokenizer the run's chat template (once, at load)."""
+    if (t := chat_template()) is not None:
+        t.ensure_template(tok)
+
+
+def render(tok, messages: list[dict]) -> tuple[str, list[str]]:
+    """(prompt text ending in an open assistant turn, stop strings) for OpenAI-style messages, in the format the
+    adapter was trained on. Without a template module that is Guanaco's: an optional system text first, then
+    '### Human: q ### Assistant: a' turns, as chat.build_prompt writes them."""
+    if (t := chat_template()) is not None:
+        return t.render(tok, messages, add_generation_prompt=True), list(t.stop_strings(tok))
+    parts = [m["content"] for m in messages if m["role"] == "system"]
+    for m in messages:
+        if m["role"] != "system":
+            parts.append(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}")
+    return " ".join(parts + [ASSISTANT]), [HUMAN]
+
+
+class QueueFull(Exception):
+    """Every place in the queue is taken."""
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stops: list[str]
+    base: bool = False                  # answer with the adapter switched off
+    sampling: dict = field(default_factory=dict)
+    seed: int | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    seconds_to_first_token: float | None = None
+
+    def emit(self, kind: str, value=None) -> None:
+        """Hand an event ("delta", text) / ("done", None) / ("error", message) to the request's event loop."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class _JobStreamer:
+    """Streamer for model.generate: decodes the new tokens, cuts at a stop string, emits only text that is final."""
+
+    def __init__(self, tok, job: Job, start: float):
+        self.tok, self.job, self.start = tok, job, start
+        self.ids: list[int] = []
+        self.sent, self.skip_prompt, self.stopped = 0, True, False
+
+    def put(self, value) -> None:
+        if self.skip_prompt:      # generate() hands over the prompt first
+            self.skip_prompt = False
+            return
+        if self.stopped:
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        if self.job.seconds_to_first_token is None:
+            self.job.seconds_to_first_token = time.perf_counter() - self.start
+        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+        cut = min((i for i in (text.find(s) for s in self.job.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._send(text[:cut].rstrip())
+            return
+        end = len(text)
+        for s in self.job.stops:          # a tail like "### Hu" waits: it may be the start of a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if s.startswith(text[-k:]):
+                    end = min(end, len(text) - k)
+                    break
+        safe = text[:end].rstrip()        # spaces before a possible stop string wait too
+        if safe.endswith("\ufffd"):       # a character split across tokens
+            safe = safe[:-1]
+        self._send(safe)
+
+    def end(self) -> None:
+        if not self.stopped:
+            self._send(self.tok.decode(self.ids, skip_special_tokens=True).strip())
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent and text.startswith(self.job.text):
+            self.job.emit("delta", text[self.sent:])
+            self.job.text, self.sent = text, len(text)
+
+
+class Engine:
+    """Owns the model: a worker thread generates for one Job at a time; at most `queue_size` Jobs wait."""
+
+    def __init__(self, model, tok, queue_size: int = 8, generate_kwargs: dict | None = None):
+        self.model, self.tok = model, tok
+        self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.generate_kwargs = dict(generate_kwargs or {})
+        self.finished: deque = deque(maxlen=64)   # (completion_tokens, finish_reason) of the latest jobs
+        self.busy = threading.Event()
+        self.has_adapter = hasattr(model, "disable_adapter")
+        threading.Thread(target=self._work, name="falcon-qlora-generate", daemon=True).start()
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job whose events go to the running event loop. Raises QueueFull when no place is left."""
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def idle(self) -> bool:
+        return self.jobs.empty() and not self.busy.is_set()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            self.busy.set()
+            try:
+                if job.cancel.is_set():
+                    job.finish_reason = "cancelled"
+                else:
+                    self._generate(job)
+                job.emit("done")
+            except Exception as err:  # the request fails, the server goes on
+                job.finish_reason = "error"
+                job.emit("error", f"{type(err).__name__}: {err}")
+            finally:
+                self.finished.append((job.completion_tokens, job.finish_reason))
+                self.busy.clear()
+
+    def _generate(self, job: Job) -> None:
+        import contextlib
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        start = time.perf_counter()
+        streamer = _JobStreamer(self.tok, job, start)
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = streamer.stopped or job.cancel.is_set()
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([job.prompt_ids], device=device)
+        if job.seed is not None:
+            torch.manual_seed(job.seed)
+        off = self.model.disable_adapter() if job.base and self.has_adapter else contextlib.nullcontext()
+        with off, torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=job.max_new_tokens, streamer=streamer,
+                                      stopping_criteria=StoppingCriteriaList([_Stop()]),
+                                      eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id,
+                                      use_cache=True, **job.sampling, **self.generate_kwargs)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = self.tok.eos_token_id
+        job.completion_tokens = len(new)
+        if job.cancel.is_set() and not streamer.stopped:
+            job.finish_reason = "cancelled"
+        elif streamer.stopped or (eos is not None and eos in new):
+            job.finish_reason = "stop"
+        else:
+            job.finish_reason = "length"
