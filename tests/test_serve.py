@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import os
+import shutil
 import json
 import threading
 import time
@@ -249,3 +251,61 @@ def test_prompts_and_answers_are_written_only_with_log_dir(chat_model, tmp_path,
     [row] = [json.loads(x) for x in (tmp_path / "logs" / "requests.jsonl").read_text().splitlines()]
     assert row["messages"][0]["content"] == "what is one plus four?"
     assert row["answer"] == answer.choices[0].message.content
+
+
+# ------------------------------------------------------------------------------------------ the page, in chromium
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests drive chromium with playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium here (.ci/run installs Debian's chromium package)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def answer_in(page, column: str):
+    return page.locator(f".column[data-model={column}] .msg.assistant").last
+
+
+def test_page_streams_the_answer_into_the_chat(server, chat_model, browser):
+    url, engine = server
+    card = '{"name": "two", "age": 5}'
+    page = browser.new_page()
+    page.goto(url)
+    with scripted(engine, chat_model[1], " " + card, delay=0.05):
+        page.fill("#prompt", QUESTION)
+        page.press("#prompt", "Enter")
+        page.wait_for_function("() => { const m = document.querySelector('.column[data-model=adapter] "
+                               ".msg.assistant'); return m && m.dataset.state === 'streaming' && "
+                               "m.textContent.length > 4 }", timeout=30_000)
+        partial = answer_in(page, "adapter").text_content()
+        page.wait_for_selector(".column[data-model=adapter] .msg.assistant[data-state=done]", timeout=30_000)
+    assert partial and card.startswith(partial) and len(partial) < len(card)       # seen while it streamed
+    assert answer_in(page, "adapter").text_content() == card + "valid JSON"       # the answer and its badge
+    assert page.locator(".column[data-model=base]").is_hidden()
+    page.close()
+
+
+def test_page_side_by_side_shows_base_and_adapter_answers(server, browser):
+    url, _ = server
+    base, tuned = ask(url, model="tiny:base").choices[0].message.content, ask(url).choices[0].message.content
+    page = browser.new_page()
+    page.goto(url)
+    page.fill("#max_tokens", "16")
+    page.check("#sbs")
+    page.fill("#prompt", QUESTION)
+    page.click("#send")
+    for column in ("base", "adapter"):
+        page.wait_for_selector(f".column[data-model={column}] .msg.assistant[data-state=done]", timeout=30_000)
+    assert answer_in(page, "base").text_content() == base + "not JSON"
+    assert answer_in(page, "adapter").text_content() == tuned + "not JSON"
+    page.click("#reset")
+    assert page.locator(".msg").count() == 0
+    page.close()

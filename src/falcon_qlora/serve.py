@@ -110,8 +110,8 @@ def build_app(model, tok, name: str = "model", *, api_key: str | None = None, ma
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": i, "object": "model", "created": created, "owned_by": "falcon-qlora",
-                 "adapter": not off} for i, off in ids.items()]
+        data = [{"id": i, "object": "model", "created": created, "owned_by": "falcon-qlora", "adapter": not off,
+                 "max_tokens": max_tokens_cap, "context": context} for i, off in ids.items()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
