@@ -12,7 +12,6 @@ Needs the serve extra: pip install "falcon-qlora[serve]".
 """
 
 import argparse
-import asyncio
 import hmac
 import json
 import os
@@ -22,11 +21,10 @@ import uuid
 from pathlib import Path
 
 from .errors import UserError
-from .serve_engine import Engine, Job, QueueFull, prepare_tokenizer, render
+from .serve_engine import Engine, Job, QueueFull, events, prepare_tokenizer, render, sse, usage
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-DISCONNECT_POLL_S = 0.25
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
@@ -152,14 +150,14 @@ def build_app(model, tok, name: str = "model", *, api_key: str | None = None, ma
                           code="queue_full")
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model)
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, request, meta, usage, lambda: log(meta, messages, job)),
+            with_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse(job, request, meta, with_usage, lambda: log(meta, messages, job)),
                                      media_type="text/event-stream")
-        async for kind, value in _events(job, request):
+        async for kind, value in events(job, request):
             if kind == "error":
                 return _error(500, f"generation failed: {value}", code="generation_error")
         log(meta, messages, job)
-        return {**meta, "object": "chat.completion", "usage": _usage(job),
+        return {**meta, "object": "chat.completion", "usage": usage(job),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
                              "finish_reason": job.finish_reason, "logprobs": None}]}
 
@@ -168,7 +166,7 @@ def build_app(model, tok, name: str = "model", *, api_key: str | None = None, ma
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         row = {**meta, "messages": messages, "answer": job.text, "finish_reason": job.finish_reason,
-               "usage": _usage(job)}
+               "usage": usage(job)}
         with open(Path(log_dir) / "requests.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -191,58 +189,6 @@ async def _parse(request, schema):
         if first.get("type") == "extra_forbidden":
             return _error(400, f"unknown field '{where}'", where, "unknown_field")
         return _error(400, f"{where or 'body'}: {first.get('msg')}", where or None, "invalid_value")
-
-
-def _usage(job: Job) -> dict:
-    n = len(job.prompt_ids)
-    return {"prompt_tokens": n, "completion_tokens": job.completion_tokens, "total_tokens": n + job.completion_tokens}
-
-
-async def _events(job: Job, request):
-    """The job's events until it is done. The connection is checked every DISCONNECT_POLL_S, also while tokens
-    flow: a client that went away cancels the job, and generation stops at the next token."""
-    checked = time.monotonic()
-    try:
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                kind = value = None
-            if time.monotonic() - checked >= DISCONNECT_POLL_S:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return
-            if kind is None:
-                continue
-            yield kind, value
-            if kind in ("done", "error"):
-                return
-    finally:
-        job.cancel.set()
-
-
-async def _sse(job: Job, request, meta: dict, include_usage: bool, on_done):
-    """Server-sent events in OpenAI's chunk format, ending with 'data: [DONE]'."""
-    def chunk(delta: dict, finish=None, **extra) -> str:
-        body = {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    yield chunk({"role": "assistant", "content": ""})
-    async for kind, value in _events(job, request):
-        if kind == "delta":
-            yield chunk({"content": value})
-        elif kind == "error":
-            err = {"error": {"message": f"generation failed: {value}", "type": "server_error"}}
-            yield f"data: {json.dumps(err)}\n\n"
-            return
-    if job.finish_reason in ("stop", "length"):
-        on_done()
-        yield chunk({}, job.finish_reason)
-        if include_usage:
-            tail = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(job)}
-            yield f"data: {json.dumps(tail)}\n\n"
-        yield "data: [DONE]\n\n"
 
 
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:

@@ -4,12 +4,14 @@ A worker thread owns the model. Requests become Jobs; `Engine.submit` puts one i
 server answers 429). The worker runs `model.generate` with a streamer that cuts the text at the first stop string
 (the chat template's next user turn, or the request's `stop`), holds back any tail that could still become one, and
 hands the rest to the job's asyncio queue. A StoppingCriteria ends generation at a stop string or as soon as the job
-is cancelled (the client went away), so an abandoned request costs at most one more token.
+is cancelled (the client went away), so an abandoned request costs at most one more token. `events` and `sse` carry
+a job's output to its HTTP response and notice a client that has gone.
 The base model's answer for side-by-side comparison comes from the same weights with the adapter switched off.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import threading
 import time
@@ -17,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .chat import ASSISTANT, HUMAN
+
+DISCONNECT_POLL_S = 0.25   # how often a waiting or streaming request checks that its client is still there
 
 
 def chat_template():
@@ -190,3 +194,55 @@ class Engine:
             job.finish_reason = "stop"
         else:
             job.finish_reason = "length"
+
+
+def usage(job: Job) -> dict:
+    n = len(job.prompt_ids)
+    return {"prompt_tokens": n, "completion_tokens": job.completion_tokens, "total_tokens": n + job.completion_tokens}
+
+
+async def events(job: Job, request):
+    """The job's events until it is done. The connection is checked every DISCONNECT_POLL_S, also while tokens
+    flow: a client that went away cancels the job, and generation stops at the next token."""
+    checked = time.monotonic()
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                kind = value = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return
+            if kind is None:
+                continue
+            yield kind, value
+            if kind in ("done", "error"):
+                return
+    finally:
+        job.cancel.set()
+
+
+async def sse(job: Job, request, meta: dict, include_usage: bool, on_done):
+    """Server-sent events in OpenAI's chunk format, ending with 'data: [DONE]'."""
+    def chunk(delta: dict, finish=None) -> str:
+        body = {**meta, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for kind, value in events(job, request):
+        if kind == "delta":
+            yield chunk({"content": value})
+        elif kind == "error":
+            err = {"error": {"message": f"generation failed: {value}", "type": "server_error"}}
+            yield f"data: {json.dumps(err)}\n\n"
+            return
+    if job.finish_reason in ("stop", "length"):
+        on_done()
+        yield chunk({}, job.finish_reason)
+        if include_usage:
+            tail = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(job)}
+            yield f"data: {json.dumps(tail)}\n\n"
+        yield "data: [DONE]\n\n"
