@@ -38,6 +38,7 @@ def test_notebook_runs_headless_on_the_tiny_model(tiny_falcon_7b_arch, tiny_data
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
     assert "image/png" in outputs
     assert (tmp_path / "run" / "model-q8_0.gguf").read_bytes()[:4] == b"GGUF"   # the export cell
+    assert "<iframe" in outputs and "/v1" in outputs       # the last cell shows the chat page inline
 
 
 def test_notebook_runs_with_the_embedded_smollm2(smollm2, tmp_path, monkeypatch):

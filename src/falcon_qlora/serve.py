@@ -223,6 +223,19 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     return server, f"http://{host}:{port}"
 
 
+def show_inline(url: str, height: int = 640) -> None:
+    """Show the chat page in a notebook's output: Colab proxies the kernel's port into an iframe; Jupyter can load
+    the local URL directly."""
+    from IPython.display import IFrame, display
+    try:
+        from google.colab import output
+    except ImportError:
+        print(f"chat page: {url}/   OpenAI API: {url}/v1")
+        display(IFrame(url + "/", width="100%", height=height))
+    else:
+        output.serve_kernel_port_as_iframe(int(url.rsplit(":", 1)[1]), height=str(height))
+
+
 def _require_extra() -> None:
     try:
         import fastapi  # noqa: F401

@@ -125,6 +125,7 @@ class Engine:
 
     def __init__(self, model, tok, queue_size: int = 8, generate_kwargs: dict | None = None):
         self.model, self.tok = model, tok
+        model.eval()    # no dropout: an answer depends on the prompt and the sampling settings only
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.generate_kwargs = dict(generate_kwargs or {})
         self.finished: deque = deque(maxlen=64)   # (completion_tokens, finish_reason) of the latest jobs
