@@ -309,3 +309,12 @@ def test_page_side_by_side_shows_base_and_adapter_answers(server, browser):
     page.click("#reset")
     assert page.locator(".msg").count() == 0
     page.close()
+
+
+def test_conversation_prompt_is_the_one_chat_builds(chat_model):
+    _, tok = chat_model
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."},
+                {"role": "user", "content": "what is one plus one?"}]
+    prompt, stops = render(tok, messages)
+    assert prompt == build_prompt([("hi", "hello.")], "what is one plus one?")
+    assert "### Human:" in stops

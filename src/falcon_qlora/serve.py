@@ -216,7 +216,7 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     threading.Thread(target=server.run, name="falcon-qlora-serve", daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -273,5 +273,5 @@ def cli(argv: list[str]) -> int:
     shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"falcon-qlora serve: chat page http://{shown}:{a.port}/ ; OpenAI API http://{shown}:{a.port}/v1 "
           f"(model '{name}'" + (f", '{name}:base' without the adapter)" if a.adapter else ")"), flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False)
     return 0
