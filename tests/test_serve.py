@@ -220,6 +220,19 @@ def test_client_that_disconnects_mid_stream_stops_its_generation(server, chat_mo
     assert ask(url).choices[0].message.content      # the server goes on
 
 
+def test_a_base_without_adapter_is_one_model(tiny_falcon_7b_arch):
+    model, tok = load_chat_model(None, base=str(tiny_falcon_7b_arch))
+    app = build_app(model, tok, "plain", max_tokens_cap=CAP)
+    server, url = start_in_thread(app)
+    try:
+        [entry] = client(url).models.list().data
+        assert entry.id == "plain" and entry.adapter is False
+        assert ask(url, model="plain").choices[0].message.content == generate(
+            model, tok, [build_prompt([], QUESTION)], max_new_tokens=16)[0]
+    finally:
+        server.should_exit = True
+
+
 def test_api_key_is_required_when_set_and_page_is_served(chat_model):
     with serving(chat_model, api_key="s3cret") as (url, _):
         with pytest.raises(openai.AuthenticationError):
@@ -239,6 +252,15 @@ def test_other_hosts_need_an_api_key_or_insecure(capsys):
     assert main(["serve", "--adapter", "nowhere", "--host", "0.0.0.0"]) == 2   # refused before loading anything
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--api_key" in err and "--insecure" in err
+
+
+def test_a_taken_port_is_reported_before_the_model_loads(capsys):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--adapter", "nowhere", "--port", str(s.getsockname()[1])]) == 2
+    assert "--port" in capsys.readouterr().err
 
 
 def test_prompts_and_answers_are_written_only_with_log_dir(chat_model, tmp_path, monkeypatch):

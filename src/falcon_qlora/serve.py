@@ -108,7 +108,8 @@ def build_app(model, tok, name: str = "model", *, api_key: str | None = None, ma
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": i, "object": "model", "created": created, "owned_by": "falcon-qlora", "adapter": not off,
+        data = [{"id": i, "object": "model", "created": created, "owned_by": "falcon-qlora",
+                 "adapter": engine.has_adapter and not off,
                  "max_tokens": max_tokens_cap, "context": context} for i, off in ids.items()]
         return {"object": "list", "data": data}
 
@@ -198,6 +199,16 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
                         "FALCON_QLORA_API_KEY) so that clients must send it, or --insecure to serve without one")
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads (minutes for a 7B) rather than after, when the port is taken."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): pass another --port, or --host") from None
+
+
 def run_name(adapter: str | None, base: str | None) -> str:
     """The model id clients use: the run folder's name for results/final or results/checkpoint-N, else the folder."""
     if adapter is None:
@@ -260,6 +271,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--bf16", action="store_true", help="load the base unquantized in bf16 instead of 4-bit")
     a = p.parse_args(argv)
     check_bind(a.host, a.api_key, a.insecure)
+    check_port(a.host, a.port)
     if a.max_new_tokens < 1 or a.queue_size < 0:
         raise UserError("--max_new_tokens must be >= 1 and --queue_size >= 0")
     _require_extra()
