@@ -3,7 +3,7 @@
 A worker thread owns the model. Requests become Jobs; `Engine.submit` puts one in the queue or raises QueueFull (the
 server answers 429). The worker runs `model.generate` with a streamer that cuts the text at the first stop string
 (the chat template's next user turn, or the request's `stop`), holds back any tail that could still become one, and
-hands the rest to the job's asyncio queue. A StoppingCriteria ends generation at a stop string or as soon as the job
+hands the rest to the job's asyncio queue. Generation ends at a stop string (chat.stop_on_text) or as soon as the job
 is cancelled (the client went away), so an abandoned request costs at most one more token. `events` and `sse` carry
 a job's output to its HTTP response and notice a client that has gone.
 The base model's answer for side-by-side comparison comes from the same weights with the adapter switched off.
@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .chat import ASSISTANT, HUMAN
+from .chat import ASSISTANT, HUMAN, stop_on_text
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting or streaming request checks that its client is still there
 
@@ -93,11 +93,11 @@ class _JobStreamer:
         self.ids.extend(value.reshape(-1).tolist())
         if self.job.seconds_to_first_token is None:
             self.job.seconds_to_first_token = time.perf_counter() - self.start
-        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+        text = self.tok.decode(self.ids, skip_special_tokens=True)    # searched as stop_on_text searches it
         cut = min((i for i in (text.find(s) for s in self.job.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
-            self._send(text[:cut].rstrip())
+            self._send(text[:cut].strip())
             return
         end = len(text)
         for s in self.job.stops:          # a tail like "### Hu" waits: it may be the start of a stop string
@@ -105,7 +105,7 @@ class _JobStreamer:
                 if s.startswith(text[-k:]):
                     end = min(end, len(text) - k)
                     break
-        safe = text[:end].rstrip()        # spaces before a possible stop string wait too
+        safe = text[:end].strip()         # the space after the prompt goes; spaces before a possible stop wait
         if safe.endswith("\ufffd"):       # a character split across tokens
             safe = safe[:-1]
         self._send(safe)
@@ -166,24 +166,26 @@ class Engine:
         import contextlib
 
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteria
         start = time.perf_counter()
         streamer = _JobStreamer(self.tok, job, start)
 
-        class _Stop(StoppingCriteria):
+        class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                done = streamer.stopped or job.cancel.is_set()
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+                return torch.full((input_ids.shape[0],), job.cancel.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
 
         device = next(self.model.parameters()).device
         ids = torch.tensor([job.prompt_ids], device=device)
         if job.seed is not None:
             torch.manual_seed(job.seed)
+        stopping = stop_on_text(self.tok, job.stops, ids.shape[1])
+        stopping.append(_Cancelled())
         off = self.model.disable_adapter() if job.base and self.has_adapter else contextlib.nullcontext()
         with off, torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=job.max_new_tokens, streamer=streamer,
-                                      stopping_criteria=StoppingCriteriaList([_Stop()]),
+                                      stopping_criteria=stopping,
                                       eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id,
                                       use_cache=True, **job.sampling, **self.generate_kwargs)
         new = out[0, ids.shape[1]:].tolist()
