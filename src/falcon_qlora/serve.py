@@ -171,7 +171,6 @@ def build_app(model, tok, name: str = "model", *, api_key: str | None = None, ma
         with open(Path(log_dir) / "requests.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    app.state.log = log
     return app
 
 

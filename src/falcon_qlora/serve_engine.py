@@ -73,7 +73,10 @@ class Job:
 
     def emit(self, kind: str, value=None) -> None:
         """Hand an event ("delta", text) / ("done", None) / ("error", message) to the request's event loop."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:    # the server's event loop has closed: nobody is listening any more
+            pass
 
 
 class _JobStreamer:
