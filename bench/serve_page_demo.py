@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from falcon_qlora.demo import MAX_NEW_TOKENS as MAX_TOKENS  # noqa: E402  (the demo's own answer limit)
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
@@ -43,7 +45,6 @@ def right(answer: str, expected: str) -> bool:
 
 
 def heldout(n: int) -> list[tuple[str, str]]:
-    sys.path.insert(0, str(ROOT / "src"))
     from falcon_qlora.demo import split_row
     from falcon_qlora.demo_data import DATA_DIR
     rows = [json.loads(x)["text"] for x in (DATA_DIR / "test.jsonl").read_text().splitlines()][:n]
@@ -76,6 +77,7 @@ def drive_page(url: str, prompt: str, shot: Path) -> dict:
         page = browser.new_page(viewport={"width": 1280, "height": 640})
         page.goto(url)
         page.check("#sbs")
+        page.fill("#max_tokens", str(MAX_TOKENS))    # as the API calls: the base's long answers stop at the same point
         page.fill("#prompt", prompt)
         page.press("#prompt", "Enter")
         sel = ".column[data-model=adapter] .msg.assistant"
@@ -104,10 +106,11 @@ def main() -> int:
         adapter_id, base_id = ids
         table = []
         for prompt, expected in heldout(a.prompts):
-            ans = {i: post(url, {"model": i, "messages": [{"role": "user", "content": prompt}], "max_tokens": 48})
-                   ["choices"][0]["message"]["content"] for i in (base_id, adapter_id)}
+            ask = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS}
+            ans = {i: post(url, {"model": i, **ask})["choices"][0]["message"]["content"] for i in (base_id, adapter_id)}
             table.append({"prompt": prompt, "expected": expected, "base": ans[base_id], "adapter": ans[adapter_id],
-                          "base_right": right(ans[base_id], expected), "adapter_right": right(ans[adapter_id], expected)})
+                          "base_right": right(ans[base_id], expected),
+                          "adapter_right": right(ans[adapter_id], expected)})
             print(json.dumps(table[-1]), flush=True)
         pick = next((r for r in table if r["adapter_right"] and not r["base_right"]), None)
         checks = {"some prompt: base wrong, adapter right": pick is not None}
@@ -128,7 +131,8 @@ def main() -> int:
         proc.terminate()
         proc.wait(30)
     result = {"adapter": a.adapter, "models": ids, "heldout": table,
-              "base_right": sum(r["base_right"] for r in table), "adapter_right": sum(r["adapter_right"] for r in table),
+              "base_right": sum(r["base_right"] for r in table),
+              "adapter_right": sum(r["adapter_right"] for r in table),
               "page_prompt": pick and pick["prompt"], "page": page, "checks": checks, "screenshot": a.shot}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -205,7 +205,8 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as err:
-            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): pass another --port, or --host") from None
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): pass another --port, "
+                            "or another --host") from None
 
 
 def run_name(adapter: str | None, base: str | None) -> str:
