@@ -11,7 +11,6 @@ FALCON_QLORA_API_KEY variable) or an explicit --insecure. Nothing a client sends
 Needs the serve extra: pip install "falcon-qlora[serve]".
 """
 
-import argparse
 import hmac
 import json
 import os
@@ -256,7 +255,8 @@ def _require_extra() -> None:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="falcon-qlora serve", description=__doc__.split("\n\n")[0])
+    from .cli import CommandParser
+    p = CommandParser(prog="falcon-qlora serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", help="adapter folder written by `falcon-qlora train` (e.g. results/final)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
