@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
-from .config import ConfigError, RunConfig, make_config, preset_path, save_run_config
+from .config import ConfigError, RunConfig, check_runtime, make_config, preset_path, read_yaml, save_run_config
 from .errors import UserError
 
 
@@ -111,6 +111,7 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
         save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, seed=cfg.seed,
         eval_strategy="steps" if eval_on else "no", eval_steps=cfg.eval_steps, report_to=cfg.report_to,
         bf16=compute_dtype == torch.bfloat16, fp16=compute_dtype == torch.float16,
+        use_cpu=compute_dtype == torch.bfloat16 and not torch.cuda.is_available(),  # bf16 on a CPU that has it
         max_length=cfg.max_length, dataset_text_field=cfg.dataset_text_field, packing=cfg.packing,
         completion_only_loss=cfg.completion_only_loss, pad_token=tokenizer.pad_token,
         eos_token=tokenizer.eos_token, disable_tqdm=cfg.disable_tqdm, logging_first_step=True,
@@ -124,7 +125,9 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
     from .safety import safe_trainer_class
     from .profiles import apply_profile
     from .throughput import Meter
+    from .data import for_trainer
     args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg))
+    train_ds, eval_ds = for_trainer(train_ds, tokenizer, cfg), for_trainer(eval_ds, tokenizer, cfg)
     # speed/memory profile: micro-batch split, checkpointing, padding-free rows, fused paths (profiles.py)
     model, args, profile_kwargs = apply_profile(cfg, model, args, tokenizer)
     # SFTTrainer + atomic checkpoints, a stop on NaN/inf, no tokens in training_args.bin (safety.py)
@@ -184,17 +187,17 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     check_device(cfg)
     dist.init()  # several processes: join the group now, so that only the main one writes
     dist.check_fsdp(resolve_compute_dtype(cfg))
+    check_runtime(cfg)  # optimizer/schedule names, bf16 on a CPU: before anything is written
     if cfg.load_in_4bit and model is None:
         check_bitsandbytes()  # a broken install fails here, in one line, not deep inside the model load
+    tok = tokenizer or load_tokenizer(cfg.model_name_or_path, cfg)
+    # Rows validated and rendered in the run's chat template (set on tok, saved with it) before any model is
+    # loaded or anything is written.
+    train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset, tokenizer=tok)
     out = prepare_output_dir(cfg)
     dist.barrier()
-    train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset)  # before any model is loaded
-    tok = tokenizer or load_tokenizer(cfg.model_name_or_path, cfg)
     if dist.is_main():
         D.summarize(train_ds, tok, cfg, "train")
-    if cfg.completion_only_loss:
-        train_ds = D.tokenize_completion_only(train_ds, tok, cfg)
-        eval_ds = D.tokenize_completion_only(eval_ds, tok, cfg) if eval_ds is not None else None
     set_seed(cfg.seed)  # LoRA init is part of the run's randomness
     if model is None:
         model = load_base_model(cfg)
@@ -259,6 +262,7 @@ def parse_args(argv: list[str], prog: str = "falcon-qlora train") -> RunConfig:
         i = argv.index("--config") + 1
         if i < len(argv):
             argv[i] = str(preset_path(argv[i]))
+            read_yaml(argv[i])  # a syntax error is one line naming the file, not a parser traceback
     parser = TrlParser([Schema], prog=prog)
     parser.error = _parser_error  # argparse would print the usage and exit; we want one line
     try:
