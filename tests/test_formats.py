@@ -193,3 +193,34 @@ def test_eos_only_tokenizer_trains_and_eos_keeps_its_label(tmp_path):
         assert (batch["labels"][r, n:] == -100).all()
     assert any(len(r["input_ids"]) < batch["labels"].shape[1] for r in rows)  # some row was padded
     assert train(cfg).metrics["train_steps"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_trains_in_its_own_chatml_template(smollm2, tmp_path):
+    """A tokenizer with its own template keeps it: ChatML rows, the mask token by token (answers and their
+    <|im_end|> trained, nothing else), chat's prompt equal to the training rendering, the template saved."""
+    from transformers import AutoTokenizer
+    from falcon_qlora.chat import build_prompt
+    from falcon_qlora.model import load_tokenizer
+    from falcon_qlora.train import train
+    tok = load_tokenizer("smollm2-135m", load_config())
+    own = tok.chat_template
+    assert "<|im_start|>" in own
+    row = _masked_row(tok, [{"messages": CONVERSATION}], "messages")
+    head = "<|im_start|>user\n"
+    ids, mask = _expected(tok, [(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n{head}What is two plus three?<|im_end|>\n"
+                                 "<|im_start|>assistant\n", 0), ("Two plus three is five.<|im_end|>\n", 1),
+                                (f"{head}And what is that plus one?<|im_end|>\n<|im_start|>assistant\n", 0),
+                                ("Five plus one is six.<|im_end|>", 1)])
+    assert (row["input_ids"], row["completion_mask"]) == (ids, mask)  # ends with EOS (<|im_end|>) once
+    assert tok.chat_template == own and template.stop_strings(tok) == ["<|im_start|>user"]
+    train_ds, _ = load_dataset_splits(load_config(), _dataset([{"messages": CONVERSATION}]), tokenizer=tok)
+    prompt = build_prompt([(CONVERSATION[1]["content"], CONVERSATION[2]["content"])], CONVERSATION[3]["content"],
+                          tok, system=SYSTEM)
+    assert prompt == train_ds["text"][0][:train_ds["completion_spans"][0][-1][0]]
+    result = train(make_config(**tiny_overrides("smollm2-135m", EXAMPLES / "messages.jsonl", tmp_path, max_steps=2,
+                                                save_steps=100, per_device_train_batch_size=2, eval_split=None,
+                                                completion_only_loss=True,
+                                                lora_target_modules=["q_proj", "v_proj"])))
+    assert result.metrics["train_steps"] == 2
+    assert AutoTokenizer.from_pretrained(result.final_dir).chat_template == own
