@@ -167,6 +167,12 @@ SOURCE_KEYS = ("name", "format", "max_rows")
 FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion")
 
 
+def dataset_names(cfg: RunConfig) -> list[str]:
+    """The name, file or folder of every dataset source (dataset_name holds one or several)."""
+    specs = cfg.dataset_name if isinstance(cfg.dataset_name, list) else [cfg.dataset_name]
+    return [parse_source(s)["name"] for s in specs]
+
+
 def parse_source(spec: str, default_format: str = "auto") -> dict:
     """One dataset_name entry -> {name, format, max_rows}: a plain name, or a mapping written as YAML
     ('{name: chat.jsonl, format: messages, max_rows: 500}')."""
