@@ -224,3 +224,12 @@ def test_smollm2_trains_in_its_own_chatml_template(smollm2, tmp_path):
                                                 lora_target_modules=["q_proj", "v_proj"])))
     assert result.metrics["train_steps"] == 2
     assert AutoTokenizer.from_pretrained(result.final_dir).chat_template == own
+
+
+def test_chat_cli_system_prompt_goes_through_the_template(tiny_adapter, monkeypatch, capsys):
+    from falcon_qlora import chat
+    sent = []
+    monkeypatch.setattr(chat, "generate", lambda model, tok, prompts, **kw: sent.extend(prompts) or ["x"])
+    assert chat.cli(["--adapter", str(tiny_adapter), "--prompt", "what is one plus one?",
+                     "--system", "Answer with one word."]) == 0
+    assert sent == ["Answer with one word. ### Human: what is one plus one? ### Assistant:"]

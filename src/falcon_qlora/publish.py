@@ -68,10 +68,11 @@ def model_card(cfg, kind: str, metrics: dict, repo_id: str | None = None) -> str
     front.append("---")
     title = repo_id or f"{cfg.model_name_or_path} + QLoRA"
     what = ("a LoRA adapter for" if kind == "adapter" else "a merged (base + LoRA, full-precision) copy of")
+    data = ", ".join(dataset_names(cfg))
     body = [f"# {title}", "", f"This is {what} `{cfg.model_name_or_path}`, trained with falcon-qlora (QLoRA: 4-bit NF4 "
-            f"base, LoRA, TRL SFTTrainer) on `{', '.join(dataset_names(cfg))}` (split `{cfg.train_split}`), prompts in the "
-            "chat template saved with its tokenizer (`tok.apply_chat_template`; Guanaco's `### Human: ... ### Assistant: "
-            "...` unless the base brings its own).", "", "## Recipe", "", "| key | value |", "|---|---|"]
+            f"base, LoRA, TRL SFTTrainer) on `{data}` (split `{cfg.train_split}`), prompts in the chat template "
+            "saved with its tokenizer (`tok.apply_chat_template`; Guanaco's `### Human: ... ### Assistant: ...` "
+            "unless the base brings its own).", "", "## Recipe", "", "| key | value |", "|---|---|"]
     body += [f"| {k} | {getattr(cfg, k)} |" for k in RECIPE_KEYS]
     body += ["", "## Metrics", ""]
     body += ([f"- {k}: {v}" for k, v in metrics.items()] or ["(none recorded)"])
