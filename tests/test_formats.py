@@ -41,11 +41,12 @@ def test_each_example_file_is_detected_and_rendered(fmt, falcon_tok, capsys):
     assert falcon_tok.chat_template == template.GUANACO_TEMPLATE
 
 
-def test_a_messages_row_renders_to_the_reference_guanaco_text():
+def test_a_messages_row_renders_to_the_reference_guanaco_text(falcon_tok):
     """The Guanaco template writes a conversation exactly as the reference recipe's text rows are written."""
     text = _rows("text")[5]["text"]
-    assert template.render(None, CONVERSATION[1:]) == text
-    assert template.render(None, CONVERSATION) == SYSTEM + " " + text
+    train, _ = load_dataset_splits(load_config(), _dataset([{"messages": CONVERSATION[1:]}, {"messages": CONVERSATION}]),
+                                   tokenizer=falcon_tok)
+    assert train["text"] == [text, SYSTEM + " " + text]
     assert template.render(None, CONVERSATION[1:4], add_generation_prompt=True) == \
         text[:text.rindex("### Assistant:") + len("### Assistant:")]
 

@@ -25,10 +25,10 @@ def build_prompt(history: list[tuple[str, str]], message: str, tokenizer=None, s
     turn, rendered in the run's chat template (the one saved with the adapter's tokenizer; None: Guanaco), so the
     prompt is the training rendering of the same conversation up to the answer."""
     from .template import render
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": "system", "content": system.strip()}] if system else []
     for q, a in history:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    messages.append({"role": "user", "content": message})
+        messages += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+    messages.append({"role": "user", "content": message.strip()})  # contents stripped, as in training rows
     return render(tokenizer, messages, add_generation_prompt=True)
 
 

@@ -233,7 +233,6 @@ def choose_template(tokenizer, fmts) -> None:
 def _render(part: Part, tokenizer, text_field: str) -> list[dict]:
     """Each record as the text that is trained, with its assistant spans."""
     from . import template
-    eos = getattr(tokenizer, "eos_token", None)
     out = []
     for n, rec in enumerate(part.records, 1):
         if "text" in rec:
@@ -244,9 +243,8 @@ def _render(part: Part, tokenizer, text_field: str) -> list[dict]:
             except Exception as err:  # jinja errors of a template that refuses this conversation
                 raise UserError(f"{part.label}: row {n}: the chat template cannot render it "
                                 f"({str(err).splitlines()[0][:160]})") from None
-            if eos and text.rstrip().endswith(eos):  # ChatML ends '<|im_end|>\n': EOS last, not appended again
-                text = text.rstrip()
-                spans = [(s, min(e, len(text))) for s, e in spans]
+            text = text.rstrip()  # ChatML ends '<|im_end|>\n', Guanaco a space: EOS follows the last turn directly
+            spans = [(s, min(e, len(text))) for s, e in spans]
         out.append({text_field: text, SPANS: [list(s) for s in spans]})
     return out
 

@@ -87,7 +87,7 @@ def _string(value, what: str) -> str:
         raise RowError(f"{what} is not a string (got {type(value).__name__})")
     if not value.strip():
         raise RowError(f"{what} is empty")
-    return value
+    return value.strip()  # every template then separates turns the same way
 
 
 def _turns(value, field: str, keys: tuple[str, str], roles: dict, first: int = 1) -> list[dict]:

@@ -5,30 +5,31 @@
     render(tok, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)   # '### Human: Hi ### Assistant:'
     stop_strings(tok)                        # ['### Human:']: where the model starts the next user turn
 
-The Guanaco template renders a conversation exactly as the reference recipe's text rows are written:
-`### Human: question ### Assistant: answer ### Human: ...`, one space between turns, contents trimmed; a system
-message (Guanaco has none) goes first, as plain text. EOS is not part of the template: training appends it once,
-after the whole row, as TRL does for text rows.
+The Guanaco template renders a conversation as the reference recipe's text rows are written:
+`### Human: question ### Assistant: answer ### Human: ...`, one space between turns; a system message (Guanaco has
+none) goes first, as plain text. Training text is the rendering without trailing whitespace, EOS appended once after
+the whole row, as TRL does for text rows.
 
 The template is stored in `tokenizer.chat_template`, so `save_pretrained` writes it into every checkpoint, final/
 and merged model, and whatever loads that tokenizer later prompts the model the way it was trained.
 """
 from __future__ import annotations
 
+# Per turn: a prefix, the content, one space. A conversation's training text drops the space after its last turn
+# (data.py strips trailing whitespace), which gives the reference rows byte for byte; a generation prompt ends in
+# '### Assistant:'. The fixed per-turn shape is what tools that translate chat templates (Ollama) can read.
 GUANACO_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if not loop.first %} {% endif -%}"
     "{%- if message['role'] == 'user' -%}"
-    "### Human: {{ message['content'] | trim }}"
+    "{{ '### Human: ' + message['content'] + ' ' }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "### Assistant: {{ message['content'] | trim }}"
+    "{{ '### Assistant: ' + message['content'] + ' ' }}"
     "{%- else -%}"
-    "{{ message['content'] | trim }}"
+    "{{ message['content'] + ' ' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
-    "{%- if messages %} {% endif -%}"
-    "### Assistant:"
+    "{{ '### Assistant:' }}"
     "{%- endif -%}"
 )
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
@@ -70,7 +71,8 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, character spans of every assistant turn). A turn's span runs from the end of the prompt
     that opens it (render of the turns before it, with the generation prompt) to the end of the render that
-    includes it, so it holds the answer and whatever the template closes it with (ChatML: <|im_end|>).
+    includes it, trailing whitespace left out, so it holds the answer and whatever the template closes it with
+    (ChatML: <|im_end|>).
 
     Raises ValueError when the template does not render a conversation as the prefix of its continuation (then
     a prompt built for chatting would not match what was trained)."""
@@ -83,7 +85,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         upto = render(tokenizer, messages[:i + 1])
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise ValueError("the chat template does not render a conversation as the start of its continuation")
-        start, end = len(prompt), len(upto)
+        start, end = len(prompt), len(upto.rstrip())  # whitespace closing a turn is not part of the answer
         spans.append((start, end))
     return text, spans
 

@@ -101,8 +101,11 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     if cfg.report_to == "wandb" and not (os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")):
         os.environ.setdefault("WANDB_MODE", "offline")  # no credentials: log locally, never prompt for a login
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
+    placement = dist.trainer_kwargs(dist.batch_plan(cfg))
+    if compute_dtype == torch.bfloat16 and not torch.cuda.is_available():
+        placement["use_cpu"] = True  # bf16 on a CPU that has it (transformers refuses bf16 without a GPU otherwise)
     return SFTConfig(
-        output_dir=cfg.output_dir, **dist.trainer_kwargs(dist.batch_plan(cfg)),
+        output_dir=cfg.output_dir, **placement,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size, optim=cfg.optim,
         learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a share of max_steps
@@ -111,7 +114,6 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
         save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, seed=cfg.seed,
         eval_strategy="steps" if eval_on else "no", eval_steps=cfg.eval_steps, report_to=cfg.report_to,
         bf16=compute_dtype == torch.bfloat16, fp16=compute_dtype == torch.float16,
-        use_cpu=compute_dtype == torch.bfloat16 and not torch.cuda.is_available(),  # bf16 on a CPU that has it
         max_length=cfg.max_length, dataset_text_field=cfg.dataset_text_field, packing=cfg.packing,
         completion_only_loss=cfg.completion_only_loss, pad_token=tokenizer.pad_token,
         eos_token=tokenizer.eos_token, disable_tqdm=cfg.disable_tqdm, logging_first_step=True,
