@@ -55,6 +55,26 @@ def _checkpoint_there(c):
     return {}
 
 
+def _u(text="what is two plus two?"):
+    return {"role": "user", "content": text}
+
+
+def _a(text="two plus two is four."):
+    return {"role": "assistant", "content": text}
+
+
+def _conv():
+    return {"messages": [_u(), _a()]}
+
+
+def _cpu_without_bf16(c):
+    import torch
+    from falcon_qlora import config
+    c.mp.setattr(torch.cuda, "is_available", lambda: False)
+    c.mp.setattr(config, "cpu_has_bf16", lambda: False)
+    return {"compute_dtype": "bf16"}
+
+
 def _gpu_without_bf16(c):
     import torch
     c.mp.setattr(torch.cuda, "is_available", lambda: True)
@@ -122,12 +142,72 @@ CASES = {
                                                      "compute_dtype=fp16"]),
     "bitsandbytes broken": (_no_bitsandbytes, ["bitsandbytes cannot quantize", "pip install -U bitsandbytes",
                                                "load_in_4bit=false"]),
+    # conversational formats: one line naming the row, the field and the turn
+    "messages: turn without a role": (_data([_conv(), {"messages": [{"content": "hi"}, _a()]}]),
+                                      ["rows 2: 'messages' turn 1 has no 'role'"]),
+    "messages: unknown role": (_data([{"messages": [{"role": "bot", "content": "hi"}, _a()]}, _conv()]),
+                               ["rows 1: 'messages' turn 1 has an unknown role 'bot' (use assistant, system, user)"]),
+    "messages: no assistant turn": (_data([_conv(), {"messages": [_u()]}]),
+                                    ["rows 2: 'messages' has no assistant turn"]),
+    "messages: empty content": (_data([_conv(), {"messages": [_u(), {"role": "assistant", "content": " "}]}]),
+                                ["rows 2: 'messages' turn 2 'content' is empty"]),
+    "messages: non-string content": (_data([_conv(), {"messages": [_u(), {"role": "assistant", "content": 4}]}]),
+                                     ["rows 2: 'messages' turn 2 'content' is not a string (got int)"]),
+    "messages: roles out of order": (_data([{"messages": [_a(), _u(), _a()]}, _conv()]),
+                                     ["rows 1: 'messages' turn 1 is 'assistant' where 'user' was expected"]),
+    "messages: system turn later": (_data([{"messages": [_u(), _a(), {"role": "system", "content": "x"}]}]),
+                                    ["rows 1: 'messages' turn 3 is a system turn"]),
+    "messages: not a list": (_data([_conv(), {"messages": "hi"}]), ["rows 2: 'messages' is not a list of turns"]),
+    "sharegpt: unknown from": (_data([{"conversations": [{"from": "bot", "value": "hi"}]}]),
+                               ["rows 1: 'conversations' turn 1 has an unknown from 'bot'"]),
+    "sharegpt: ends with the human": (_data([{"conversations": [{"from": "human", "value": "a"},
+                                                                {"from": "gpt", "value": "b"},
+                                                                {"from": "human", "value": "c"}]}]),
+                                      ["rows 1: 'conversations' ends with a user turn that nothing answers"]),
+    "alpaca: no output": (_data([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}]),
+                          ["rows 2: 'output' is not a string (got NoneType)"]),
+    "alpaca: input not a string": (_data([{"instruction": "a", "input": ["x"], "output": "b"}]),
+                                   ["rows 1: 'input' is not a string (got list)"]),
+    "prompt/completion: empty prompt": (_data([{"prompt": "", "completion": "b"}]), ["rows 1: 'prompt' is empty"]),
+    "prompt/completion: user turn in completion": (
+        _data([{"prompt": [_u()], "completion": [_u()]}]),
+        ["rows 1: 'completion' holds a turn that is not the assistant's"]),
+    "format forced, column missing": (lambda c: {**_data([_conv()])(c), "dataset_format": "alpaca"},
+                                      ["format alpaca needs the column 'instruction' (columns: messages)"]),
+    "row without the text field": (_data([{"text": ROW}, {"body": ROW}]), ["rows 2: no 'text' field"]),
+    # config values that used to end in tracebacks or be silently wrong
+    "YAML syntax error": (_yaml("lora_r: [8\n"), ["run.yaml is not valid YAML"]),
+    "optimizer unknown": (lambda c: {"optim": "bogus"}, ["optim='bogus' is not an optimizer transformers knows"]),
+    "schedule unknown": (lambda c: {"lr_scheduler_type": "bogus"},
+                         ["lr_scheduler_type='bogus' is not a schedule transformers knows"]),
+    "seed negative": (lambda c: {"seed": -1}, ["seed=-1 must be an integer from 0"]),
+    "eval_steps zero": (lambda c: {"eval_steps": 0}, ["eval_steps=0 must be a positive integer"]),
+    "eval_steps without held-out rows": (lambda c: {**_data(_good())(c), "eval_steps": 2},
+                                         ["eval_steps=2 needs held-out rows", "set eval_steps=None"]),
+    "eval_split on a single file": (lambda c: {**_data(_good())(c), "eval_split": "validation"},
+                                    ["eval_split=validation", "is a single file", "eval_split=None"]),
+    "bf16 on a CPU without it": (_cpu_without_bf16, ["compute_dtype=bf16", "this CPU has no native bf16",
+                                                     "compute_dtype=fp32"]),
+    "dataset entry malformed": (lambda c: ["--dataset_name", str(c.data), "{name: x, rows: 3}"],
+                                ["dataset_name entry '{name: x, rows: 3}'", "unknown: rows"]),
     # accepted on purpose: trains, and says what it did
     "BOM": (_data(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in _good()).encode()), "ok"),
     "CRLF": (_data("".join(json.dumps(r) + "\r\n" for r in _good()).encode()), "ok"),
     "duplicated rows": (_data([{"text": ROW}] * 3 + _good(5)), ("ok", "holds 2 duplicated rows")),
     "row far over max_length": (_data(_good(5) + [{"text": ROW + " four" * 400}]),
                                 ("ok", "1 rows (16.7%) longer than max_length=64 will be truncated")),
+    # columns the format does not read never reach Arrow, whatever their types
+    "other column of mixed types": (_data([dict(r, id=i if i % 2 else str(i)) for i, r in enumerate(_good())]),
+                                    "ok"),
+    "other column list then dict": (_data([dict(r, meta=[1] if i % 2 else {"a": 1}) for i, r in enumerate(_good())]),
+                                    "ok"),
+    "text of mixed types, dropped": (lambda c: {**_data(_good() + [{"text": 7}, {"text": [ROW]}])(c),
+                                                "drop_invalid_rows": True},
+                                     ("ok", "dropped 2 invalid rows of 10")),
+    "messages with mixed extra fields": (_data([dict(_conv(), id=1, tags={"a": 1}), dict(_conv(), id="x", tags=[2])]
+                                               * 3), ("ok", "format messages")),
+    "messages, bad rows dropped": (lambda c: {**_data([_conv()] * 4 + [{"messages": [{"role": 3, "content": []}]}])(c),
+                                              "drop_invalid_rows": True}, ("ok", "dropped 1 invalid rows of 5")),
 }
 
 
@@ -157,6 +237,8 @@ def test_bad_input(case, tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch, 
     c.out.mkdir()
     (c.out / "notes.txt").write_text("earlier work that must survive")
     setup, expect = CASES[case]
+    if not (expect == "ok" or isinstance(expect, tuple)):  # a failing config must not overwrite an earlier run's
+        (c.out / "run_config.yaml").write_text("# the run config of an earlier run\n")
     argv = _argv(setup(c), c)
     before = _snapshot(c.out)
     code = main(argv)

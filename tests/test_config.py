@@ -97,3 +97,44 @@ def test_the_t4_preset_fits_a_t4():
     from falcon_qlora.estimate import estimate
     est = estimate(load_config("colab-t4"), free_bytes=15 * 2**30)
     assert est["profile"] == "memory" and est["peak_bytes"] < 14 * 2**30
+
+
+@pytest.mark.parametrize("key,value,named", [("seed", -1, "seed=-1"), ("eval_steps", 0, "eval_steps=0")])
+def test_values_that_used_to_reach_the_trainer_are_named(key, value, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(**{key: value})
+
+
+def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora_r: [8\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not valid YAML") as err:
+        parse_args(["--config", str(f)])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key,value", [("optim", "bogus"), ("lr_scheduler_type", "bogus")])
+def test_names_only_transformers_knows_are_checked_before_training(key, value):
+    from falcon_qlora.config import check_runtime
+    check_runtime(load_config())  # the reference recipe passes
+    with pytest.raises(ConfigError, match=f"{key}='bogus'"):
+        check_runtime(load_config(**{key: value}))
+
+
+def test_one_dataset_stays_a_name_several_are_a_list():
+    assert load_config(dataset_name=["a.jsonl"]).dataset_name == "a.jsonl"
+    assert parse_args(["--dataset_name", "a.jsonl"]).dataset_name == "a.jsonl"
+    cfg = parse_args(["--dataset_name", "a.jsonl", "{name: b.json, format: alpaca, max_rows: 5}"])
+    assert cfg.dataset_name == ["a.jsonl", "{name: b.json, format: alpaca, max_rows: 5}"]
+    from_yaml = load_config(dataset_name=["a.jsonl", {"name": "b.json", "format": "alpaca", "max_rows": 5}])
+    assert from_yaml == cfg
+
+
+def test_dataset_entries_are_checked(tmp_path):
+    from falcon_qlora.config import parse_source
+    assert parse_source("{name: b.json, max_rows: 5}", "messages") == {"name": "b.json", "format": "messages",
+                                                                       "max_rows": 5}
+    with pytest.raises(ConfigError, match="format 'csv' is not one of"):
+        load_config(dataset_name=["a", "{name: b, format: csv}"])
+    with pytest.raises(ConfigError, match="max_rows must be a positive integer"):
+        load_config(dataset_name=["a", "{name: b, max_rows: 0}"])

@@ -20,7 +20,7 @@ def write(path, rows):
 def test_folder_gives_train_and_test_splits(tiny_data):
     train, held = load_dataset_splits(load_config(dataset_name=str(tiny_data)))
     assert (len(train), len(held)) == (64, 16)
-    assert train.column_names == ["text"]
+    assert train.column_names == ["text", "completion_spans"]
 
 
 def test_single_file_is_the_train_split(tmp_path):
@@ -81,7 +81,7 @@ def test_summary_counts_rows_over_max_length(tiny_falcon_7b_arch):
 
 def test_assistant_spans_cover_every_assistant_turn():
     text = "### Human: a ### Assistant: b ### Human: c ### Assistant: d"
-    assert [text[s:e] for s, e in assistant_spans(text)] == [" b ", " d"]
+    assert [text[s:e] for s, e in assistant_spans(text)] == [" b", " d"]
 
 
 def test_completion_only_masks_human_turns_and_keeps_eos(tiny_falcon_7b_arch):

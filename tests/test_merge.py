@@ -5,6 +5,7 @@ import pytest
 
 from falcon_qlora.errors import UserError
 from falcon_qlora.merge import CHECK_TEXTS, merge
+from falcon_qlora.template import GUANACO_TEMPLATE
 
 TEXT = "### Human: what is four plus one? ### Assistant: four plus one is five."
 
@@ -31,6 +32,7 @@ def test_merged_folder_loads_with_plain_transformers_and_matches(merged, tiny_ad
     assert "base_model:" in (merged / "README.md").read_text()
     plain = AutoModelForCausalLM.from_pretrained(merged)
     tok = AutoTokenizer.from_pretrained(merged)
+    assert tok.chat_template == GUANACO_TEMPLATE  # the merged model carries the prompt format it was trained in
     ref_model, ref_tok, _ = load_adapter_model(tiny_adapter)  # the 4-bit base + adapter, as trained
     ref = _logits(ref_model, ref_tok)
     assert ((_logits(plain, tok) - ref).norm() / ref.norm()).item() < 1e-5

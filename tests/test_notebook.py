@@ -30,7 +30,7 @@ def test_notebook_runs_headless_on_the_tiny_model(tiny_falcon_7b_arch, tiny_data
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("FALCON_QLORA_SKIP_INSTALL", "1")
     params = tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "run", max_steps=3, save_steps=3)
-    params.update(prompt="### Human: what is two plus one? ### Assistant:", max_new_tokens=8)
+    params.update(prompt="what is two plus one?", max_new_tokens=8)
     out = tmp_path / "executed.ipynb"
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, cwd=str(tmp_path), progress_bar=False)
     outputs = "".join(str(o) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
@@ -50,7 +50,7 @@ def test_notebook_runs_with_the_embedded_smollm2(smollm2, tmp_path, monkeypatch)
                   logging_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                   gradient_checkpointing=False, optim="adamw_torch", compute_dtype="fp32", max_train_rows=8,
                   max_eval_rows=4, per_device_eval_batch_size=4, warmup_ratio=0.0,
-                  prompt="### Human: Make a contact card for Ana Silva, a 30-year-old nurse from Lima. ### Assistant:",
+                  prompt="Make a contact card for Ana Silva, a 30-year-old nurse from Lima.",
                   max_new_tokens=8)
     out = tmp_path / "executed.ipynb"
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, cwd=str(tmp_path), progress_bar=False)

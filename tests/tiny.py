@@ -26,11 +26,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_tokenizer(path: Path):
-    """A byte-level BPE trained on the task's words, with Falcon's special tokens (EOS <|endoftext|>, no pad)."""
+def build_tokenizer(path: Path, eos_only: bool = False):
+    """A byte-level BPE trained on the task's words, with Falcon's special tokens (EOS <|endoftext|>, no pad);
+    eos_only: EOS is its only special token, as in GPT-2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    specials = [">>TITLE<<", ">>ABSTRACT<<", ">>SUFFIX<<", "<|endoftext|>"]
+    extra = [] if eos_only else [">>TITLE<<", ">>ABSTRACT<<", ">>SUFFIX<<"]
+    specials = extra + ["<|endoftext|>"]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -38,17 +40,17 @@ def build_tokenizer(path: Path):
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=384, special_tokens=specials,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
-                                  additional_special_tokens=[">>TITLE<<", ">>ABSTRACT<<", ">>SUFFIX<<"])
+                                  **({"additional_special_tokens": extra} if extra else {}))
     tok.save_pretrained(path)
     return tok
 
 
-def build_falcon(path: Path, new_decoder_architecture: bool, seed: int = 0) -> Path:
+def build_falcon(path: Path, new_decoder_architecture: bool, seed: int = 0, eos_only: bool = False) -> Path:
     """A 2-layer random Falcon (~100k params) saved as safetensors with its tokenizer."""
     import torch
     from transformers import FalconConfig, FalconForCausalLM
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(path)
+    tok = build_tokenizer(path, eos_only=eos_only)
     extra = dict(num_kv_heads=2) if new_decoder_architecture else dict(multi_query=True)
     cfg = FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        new_decoder_architecture=new_decoder_architecture, parallel_attn=True, bias=False,

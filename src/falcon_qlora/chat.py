@@ -1,9 +1,10 @@
-"""Chat with a trained adapter, in the Guanaco format it was trained on.
+"""Chat with a trained adapter, prompting through the chat template it was trained with (saved with its tokenizer).
 
     falcon-qlora chat --adapter results/final                     # multi-turn REPL (/reset, /exit)
     falcon-qlora chat --adapter results/final --prompt "Hi!"      # one shot
+    falcon-qlora chat --adapter results/final --system "Answer in one sentence."
     falcon-qlora chat --adapter results/final --sample --temperature 0.7 --top-p 0.9
-    from falcon_qlora.chat import generate; generate(model, tok, ["### Human: Hi ### Assistant:"])
+    from falcon_qlora.chat import build_prompt, generate; generate(model, tok, [build_prompt([], "Hi", tok)])
 
 The base model is the one named in the adapter's run_config.yaml (or adapter_config.json) unless --base is given;
 it loads in 4-bit like in training (--bf16: unquantized bf16). Greedy decoding unless --sample. Generation stops
@@ -19,10 +20,16 @@ from .errors import UserError
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 
 
-def build_prompt(history: list[tuple[str, str]], message: str) -> str:
-    """Earlier (question, answer) turns, then the new question and an open assistant turn."""
-    turns = [f"{HUMAN} {q} {ASSISTANT} {a}" for q, a in history]
-    return " ".join(turns + [f"{HUMAN} {message} {ASSISTANT}"])
+def build_prompt(history: list[tuple[str, str]], message: str, tokenizer=None, system: str | None = None) -> str:
+    """An optional system prompt, earlier (question, answer) turns, then the new question and an open assistant
+    turn, rendered in the run's chat template (the one saved with the adapter's tokenizer; None: Guanaco), so the
+    prompt is the training rendering of the same conversation up to the answer."""
+    from .template import render
+    messages = [{"role": "system", "content": system.strip()}] if system else []
+    for q, a in history:
+        messages += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+    messages.append({"role": "user", "content": message.strip()})  # contents stripped, as in training rows
+    return render(tokenizer, messages, add_generation_prompt=True)
 
 
 def cut_at_stop(text: str) -> str:
@@ -130,7 +137,7 @@ def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = F
     return model, tok
 
 
-def repl(model, tok, gen_kwargs: dict, inp=input, max_context: int | None = None) -> None:
+def repl(model, tok, gen_kwargs: dict, inp=input, max_context: int | None = None, system: str | None = None) -> None:
     """Multi-turn chat on the terminal. /reset forgets the conversation, /exit (or Ctrl-D) leaves."""
     history: list[tuple[str, str]] = []
     limit = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -148,10 +155,11 @@ def repl(model, tok, gen_kwargs: dict, inp=input, max_context: int | None = None
             continue
         if not msg:
             continue
-        while history and len(tok(build_prompt(history, msg))["input_ids"]) + gen_kwargs["max_new_tokens"] > limit:
+        while history and len(tok(build_prompt(history, msg, tok, system))["input_ids"]) + \
+                gen_kwargs["max_new_tokens"] > limit:
             history.pop(0)  # forget the oldest turn rather than overflow the model's context
         print(f"{ASSISTANT} ", end="", flush=True)
-        [answer] = generate(model, tok, [build_prompt(history, msg)], stream=True, **gen_kwargs)
+        [answer] = generate(model, tok, [build_prompt(history, msg, tok, system)], stream=True, **gen_kwargs)
         history.append((msg, answer))
 
 
@@ -160,6 +168,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--adapter", help="adapter folder written by `falcon-qlora train` (e.g. results/final)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--prompt", help="answer this one message and exit (no REPL)")
+    p.add_argument("--system", help="system prompt put before the conversation (as the chat template renders one)")
     p.add_argument("--bf16", action="store_true", help="load the base unquantized in bf16 instead of 4-bit")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -178,7 +187,7 @@ def cli(argv: list[str]) -> int:
               top_k=a.top_k, repetition_penalty=a.repetition_penalty)
     if a.prompt is not None:
         print(f"{ASSISTANT} ", end="", flush=True)
-        generate(model, tok, [build_prompt([], a.prompt)], stream=True, **kw)
+        generate(model, tok, [build_prompt([], a.prompt, tok, a.system)], stream=True, **kw)
         return 0
-    repl(model, tok, kw)
+    repl(model, tok, kw, system=a.system)
     return 0

@@ -15,7 +15,7 @@ import json
 import platform
 from dataclasses import asdict, field, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import ConfigDict, ValidationError, field_validator
@@ -56,8 +56,13 @@ class RunConfig:
     lora_bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases to train.")
     lora_target_modules: list[str] = _f(FALCON_TARGETS, "Module names that get LoRA adapters.")
     # --- data ------------------------------------------------------------------------------------------------
-    dataset_name: str = _f("timdettmers/openassistant-guanaco",
-                           "Hub dataset, local file/folder (jsonl, json, parquet, csv) or built-in alias.")
+    # (a default_factory, so that the command-line parser, which reads this as a list, still knows the default)
+    dataset_name: Union[str, list[str]] = field(default_factory=lambda: "timdettmers/openassistant-guanaco", metadata={
+        "help": "Hub dataset, local file/folder (jsonl, json, parquet, csv) or built-in alias; or several, mixed "
+                "with the seed, each a name or '{name: NAME, format: FORMAT, max_rows: N}'."})
+    dataset_format: Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion"] = _f(
+        "auto", "Row format; auto: from the columns (text, messages, conversations, instruction/output, "
+        "prompt/completion).")
     dataset_text_field: str = _f("text", "Column holding '### Human: ... ### Assistant: ...' text.")
     train_split: str = _f("train", "Training split.")
     eval_split: Optional[str] = _f("test", "Held-out split (None: no evaluation).")
@@ -107,6 +112,16 @@ class RunConfig:
         """`--eval_split None` arrives from the command line as the word, not the value."""
         return None if isinstance(value, str) and value.strip().lower() in ("none", "null", "") else value
 
+    @field_validator("dataset_name", mode="before")
+    @classmethod
+    def _one_or_more_sources(cls, value):
+        """One source stays a plain name; a mapping (from YAML) is kept as its one-line YAML form."""
+        if isinstance(value, (list, tuple)):
+            value = [yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip() if isinstance(v, dict)
+                     else v for v in value]
+            return value[0] if len(value) == 1 else list(value)
+        return value
+
     def __post_init__(self):
         problems = validate(self)
         if problems:
@@ -136,7 +151,89 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("resume and overwrite are both set: choose one")
     if cfg.divergence_factor is not None and cfg.divergence_factor <= 1:
         p.append(f"divergence_factor={cfg.divergence_factor} must be > 1 (or None to switch the check off)")
+    if cfg.eval_steps is not None and cfg.eval_steps <= 0:
+        p.append(f"eval_steps={cfg.eval_steps} must be a positive integer, or None to evaluate only at the end")
+    if not 0 <= cfg.seed < 2**32:
+        p.append(f"seed={cfg.seed} must be an integer from 0 to 2**32 - 1")
+    for spec in (cfg.dataset_name if isinstance(cfg.dataset_name, list) else [cfg.dataset_name]):
+        try:
+            parse_source(spec, cfg.dataset_format)
+        except ConfigError as err:
+            p.append(str(err))
     return p
+
+
+SOURCE_KEYS = ("name", "format", "max_rows")
+FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion")
+
+
+def dataset_names(cfg: RunConfig) -> list[str]:
+    """The name, file or folder of every dataset source (dataset_name holds one or several)."""
+    specs = cfg.dataset_name if isinstance(cfg.dataset_name, list) else [cfg.dataset_name]
+    return [parse_source(s)["name"] for s in specs]
+
+
+def parse_source(spec: str, default_format: str = "auto") -> dict:
+    """One dataset_name entry -> {name, format, max_rows}: a plain name, or a mapping written as YAML
+    ('{name: chat.jsonl, format: messages, max_rows: 500}')."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"dataset_name entry {spec!r} must be a dataset name, file or folder")
+    if not spec.lstrip().startswith("{"):
+        return {"name": spec, "format": default_format, "max_rows": None}
+    try:
+        entry = yaml.safe_load(spec)
+    except yaml.YAMLError:
+        entry = None
+    if not isinstance(entry, dict):
+        raise ConfigError(f"dataset_name entry {spec!r} is not a mapping such as '{{name: data.jsonl, "
+                          "format: messages, max_rows: 500}'")
+    unknown = [k for k in entry if k not in SOURCE_KEYS]
+    if unknown or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise ConfigError(f"dataset_name entry {spec!r} needs a 'name' and may have only "
+                          f"{', '.join(SOURCE_KEYS)}" + (f" (unknown: {', '.join(map(str, unknown))})" if unknown
+                                                         else ""))
+    fmt = entry.get("format", default_format)
+    if fmt not in FORMATS:
+        raise ConfigError(f"dataset_name entry {spec!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    rows = entry.get("max_rows")
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0):
+        raise ConfigError(f"dataset_name entry {spec!r}: max_rows must be a positive integer")
+    return {"name": entry["name"], "format": fmt, "max_rows": rows}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: the bf16 feature)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in info.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def check_runtime(cfg: RunConfig) -> None:
+    """Values that only the installed transformers and this machine can judge (the optimizer and schedule names,
+    bf16 on a CPU). train() calls it before anything is written; one ConfigError names every bad key."""
+    import torch
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+    p = []
+    optims = [o.value for o in OptimizerNames]
+    if cfg.optim not in optims:
+        p.append(f"optim={cfg.optim!r} is not an optimizer transformers knows (the reference uses "
+                 "paged_adamw_32bit; others: adamw_torch, adamw_8bit, paged_adamw_8bit, adafactor, sgd, ...)")
+    schedules = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler_type not in schedules:
+        p.append(f"lr_scheduler_type={cfg.lr_scheduler_type!r} is not a schedule transformers knows (one of "
+                 f"{', '.join(schedules[:8])}, ...)")
+    if cfg.compute_dtype == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        p.append("compute_dtype=bf16: there is no GPU and this CPU has no native bf16; set compute_dtype=fp32 "
+                 "(or auto)")
+    if p:
+        raise ConfigError("; ".join(p))
 
 
 def _pretty(err: ValidationError) -> str:

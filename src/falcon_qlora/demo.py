@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chat import HUMAN, cut_at_stop, stop_on_text
-from .data import ASSISTANT
+from .data import SPANS
 from .errors import UserError
 
 N_SHOWN = 3            # held-out answers printed before and after (all held-out prompts are generated and scored)
@@ -78,11 +78,11 @@ class DemoResult:
                 "seconds": round(self.seconds, 1)}
 
 
-def split_row(text: str) -> tuple[str, str]:
-    """'### Human: q ### Assistant: a' -> ('### Human: q ### Assistant:', 'a'), the prompt ending where the answer's
-    leading space starts, exactly as the trainer tokenized it."""
-    cut = text.index(ASSISTANT) + len(ASSISTANT)
-    return text[:cut], text[cut:].strip()
+def split_row(text: str, span: tuple[int, int]) -> tuple[str, str]:
+    """A held-out row as trained -> (prompt, expected answer). The prompt is the row up to where its answer starts
+    (span: the answer's characters, from the data stage), the prompt chat builds through the run's template."""
+    start, end = span
+    return text[:start], text[start:end].strip()
 
 
 def heldout_loss(model, tok, texts: list[str], batch_size: int, max_length: int) -> float:
@@ -104,11 +104,11 @@ def heldout_loss(model, tok, texts: list[str], batch_size: int, max_length: int)
     return total / count
 
 
-def generate(model, tok, texts: list[str]) -> list[Generation]:
+def generate(model, tok, texts: list[str], spans: list[tuple[int, int]]) -> list[Generation]:
     """Greedy answers to held-out prompts, in one left-padded batch (on a CPU each step's cost is mostly
     dequantizing the 4-bit weights, shared by the whole batch), each stopping at its own EOS."""
     import torch
-    prompts, expected = zip(*(split_row(t) for t in texts))
+    prompts, expected = zip(*(split_row(t, s) for t, s in zip(texts, spans)))
     side, tok.padding_side = tok.padding_side, "left"
     try:
         enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -148,21 +148,22 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
             print(f"[demo {time.time() - start:4.0f}s] {msg}", flush=True)
 
     cfg = cfg or load_config("demo", **overrides)
-    train_ds, eval_ds = load_dataset_splits(cfg)
-    texts = list(eval_ds[cfg.dataset_text_field])
     tok = load_tokenizer(cfg.model_name_or_path, cfg)
+    train_ds, eval_ds = load_dataset_splits(cfg, tokenizer=tok)   # sets the run's chat template on tok
+    texts = list(eval_ds[cfg.dataset_text_field])
+    answers = [spans[-1] for spans in eval_ds[SPANS]]   # each row's last answer: what generation must produce
     model = attach_lora(load_base_model(cfg), cfg)   # LoRA starts as a no-op (B = 0): this is still the base
     n4 = count_linear4bit(model)
     say(f"{cfg.model_name_or_path} loaded: {n4} linear layers in 4-bit NF4, LoRA r={cfg.lora_r} on them")
     before = heldout_loss(model, tok, texts, cfg.per_device_eval_batch_size, cfg.max_length)
     say(f"held-out loss before training: {before:.3f} ({len(texts)} rows)")
-    gens_before = generate(model, tok, texts)   # all held-out prompts: one batch costs about as much as one row
+    gens_before = generate(model, tok, texts, answers)   # all held-out prompts: a batch costs about what a row does
     say(f"held-out cards exactly right before training: {_score(gens_before)}")
     _show("before", gens_before[:n_shown], say)
     # The held-out split is measured here, before and after; not again by the trainer (once is enough on a CPU).
     result = train(cfg, model=model, tokenizer=tok, train_dataset=train_ds, eval_dataset=None)
     after = heldout_loss(model, tok, texts, cfg.per_device_eval_batch_size, cfg.max_length)
-    gens_after = generate(model, tok, texts)
+    gens_after = generate(model, tok, texts, answers)
     _show("after", gens_after[:n_shown], say)
     plot = plot_losses(result.output_dir, result.log_history, before, after)
     demo = DemoResult(before, after, gens_before, gens_after, plot.resolve(), result.final_dir.resolve(),

@@ -216,9 +216,10 @@ def check_hub(cfg: RunConfig) -> list[tuple[str, str]]:
     if not is_local_model(name) and not isinstance(try_to_load_from_cache(name, "config.json"), str):
         out.append((FAIL, f"model {name} is neither a local folder nor in the hub cache, and the hub is not "
                           "reachable: download it where there is network, or point model_name_or_path at a folder"))
-    ds = cfg.dataset_name
-    if ds not in DATASET_ALIASES and not os.path.exists(ds):
-        out.append((WARN, f"dataset {ds} must come from the datasets cache (the hub is not reachable)"))
+    from .config import dataset_names
+    for ds in dataset_names(cfg):
+        if ds not in DATASET_ALIASES and not os.path.exists(ds):
+            out.append((WARN, f"dataset {ds} must come from the datasets cache (the hub is not reachable)"))
     if cfg.push_to_hub:
         out.append((FAIL, f"push_to_hub={cfg.push_to_hub} needs the hub: unset it, or publish later"))
     return out

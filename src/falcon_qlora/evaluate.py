@@ -63,14 +63,14 @@ def evaluate(adapter: str | Path, data: str | None = None, split: str | None = N
     from . import data as D
     from .model import load_adapter_model
     model, tok, cfg = load_adapter_model(adapter, base=base)
-    overrides = {"train_split": split or cfg.eval_split or "test", "eval_split": None}
+    overrides = {"train_split": split or cfg.eval_split or "test", "eval_split": None, "eval_steps": None}
     if data is not None:
         overrides["dataset_name"] = data
     if max_rows is not None:
         overrides["max_train_rows"] = max_rows
     eval_cfg = type(cfg)(**{**cfg.__dict__, **overrides})
     try:  # the held-out split is loaded (and validated) through the same code as training data
-        ds, _ = D.load_dataset_splits(eval_cfg)
+        ds, _ = D.load_dataset_splits(eval_cfg, tokenizer=tok)  # rendered in the template saved with the adapter
     except UserError as err:
         raise UserError(f"no held-out data to evaluate on: {err}") from None
     texts = list(ds[cfg.dataset_text_field])

@@ -76,13 +76,14 @@ def load_tokenizer(path_or_name: str, cfg: RunConfig):
 
 def pick_pad_token(tok) -> str:
     """An existing special token that is neither EOS nor BOS (Falcon: >>TITLE<< etc.), so the vocabulary and the
-    embedding matrix stay as they are. Falls back to the unknown token, then to a new <pad> token."""
+    embedding matrix stay as they are; else the unknown token; else (GPT-2-style tokenizers, EOS their only special
+    token) EOS itself. Padding with EOS is safe here because TRL's collator masks padding by position (labels are
+    padded with -100, never derived from the pad id), so the EOS that ends every row keeps its label."""
     taken = {tok.eos_token, tok.bos_token}
     for t in [tok.unk_token, *tok.all_special_tokens]:
         if t and t not in taken:
             return t
-    raise UserError("the tokenizer has no special token to use for padding besides EOS/BOS; "
-                    "add a pad token to the tokenizer folder (tokenizer.add_special_tokens) and resize the model")
+    return tok.eos_token
 
 
 @contextlib.contextmanager

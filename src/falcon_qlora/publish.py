@@ -61,14 +61,18 @@ def model_card(cfg, kind: str, metrics: dict, repo_id: str | None = None) -> str
     lib = "peft" if kind == "adapter" else "transformers"
     front = ["---", f"base_model: {cfg.model_name_or_path}", f"library_name: {lib}", "pipeline_tag: text-generation",
              "tags: [qlora, lora, falcon-qlora" + (", merged" if kind == "merged" else "") + "]"]
-    if "/" in cfg.dataset_name and not Path(cfg.dataset_name).exists():
-        front.append(f"datasets: [{cfg.dataset_name}]")
+    from .config import dataset_names
+    hub = [d for d in dataset_names(cfg) if "/" in d and not Path(d).exists()]
+    if hub:
+        front.append(f"datasets: [{', '.join(hub)}]")
     front.append("---")
     title = repo_id or f"{cfg.model_name_or_path} + QLoRA"
     what = ("a LoRA adapter for" if kind == "adapter" else "a merged (base + LoRA, full-precision) copy of")
+    data = ", ".join(dataset_names(cfg))
     body = [f"# {title}", "", f"This is {what} `{cfg.model_name_or_path}`, trained with falcon-qlora (QLoRA: 4-bit NF4 "
-            f"base, LoRA, TRL SFTTrainer) on `{cfg.dataset_name}` (split `{cfg.train_split}`), prompts in the "
-            "`### Human: ... ### Assistant: ...` format.", "", "## Recipe", "", "| key | value |", "|---|---|"]
+            f"base, LoRA, TRL SFTTrainer) on `{data}` (split `{cfg.train_split}`), prompts in the chat template "
+            "saved with its tokenizer (`tok.apply_chat_template`; Guanaco's `### Human: ... ### Assistant: ...` "
+            "unless the base brings its own).", "", "## Recipe", "", "| key | value |", "|---|---|"]
     body += [f"| {k} | {getattr(cfg, k)} |" for k in RECIPE_KEYS]
     body += ["", "## Metrics", ""]
     body += ([f"- {k}: {v}" for k, v in metrics.items()] or ["(none recorded)"])
@@ -76,7 +80,7 @@ def model_card(cfg, kind: str, metrics: dict, repo_id: str | None = None) -> str
     if kind == "adapter":
         body += ["from falcon_qlora.chat import load_chat_model, generate, build_prompt",
                  "model, tok = load_chat_model(\"ADAPTER_DIR\")  # or peft.AutoPeftModelForCausalLM.from_pretrained",
-                 "print(generate(model, tok, [build_prompt([], \"Hello!\")]))"]
+                 "print(generate(model, tok, [build_prompt([], \"Hello!\", tok)]))"]
     else:
         body += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                  "model = AutoModelForCausalLM.from_pretrained(\"MODEL_DIR\")",

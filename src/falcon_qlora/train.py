@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
-from .config import ConfigError, RunConfig, make_config, preset_path, save_run_config
+from .config import ConfigError, RunConfig, check_runtime, make_config, preset_path, read_yaml, save_run_config
 from .errors import UserError
 
 
@@ -152,8 +152,11 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     if cfg.report_to == "wandb":
         wandb_env(cfg)
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
+    placement = dist.trainer_kwargs(dist.batch_plan(cfg))
+    if compute_dtype == torch.bfloat16 and not torch.cuda.is_available():
+        placement["use_cpu"] = True  # bf16 on a CPU that has it (transformers refuses bf16 without a GPU otherwise)
     return SFTConfig(
-        output_dir=cfg.output_dir, **dist.trainer_kwargs(dist.batch_plan(cfg)),
+        output_dir=cfg.output_dir, **placement,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size, optim=cfg.optim,
         learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a share of max_steps
@@ -175,7 +178,9 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
     from .safety import safe_trainer_class
     from .profiles import apply_profile
     from .throughput import Meter
+    from .data import for_trainer
     args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg))
+    train_ds, eval_ds = for_trainer(train_ds, tokenizer, cfg), for_trainer(eval_ds, tokenizer, cfg)
     # speed/memory profile: micro-batch split, checkpointing, padding-free rows, fused paths (profiles.py)
     model, args, profile_kwargs = apply_profile(cfg, model, args, tokenizer)
     # SFTTrainer + atomic checkpoints, a stop on NaN/inf, no tokens in training_args.bin (safety.py)
@@ -235,19 +240,19 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     check_device(cfg)
     dist.init()  # several processes: join the group now, so that only the main one writes
     dist.check_fsdp(resolve_compute_dtype(cfg))
+    check_runtime(cfg)  # optimizer/schedule names, bf16 on a CPU: before anything is written
     if cfg.load_in_4bit and model is None:
         check_bitsandbytes()  # a broken install fails here, in one line, not deep inside the model load
+    tok = tokenizer or load_tokenizer(cfg.model_name_or_path, cfg)
+    # Rows validated and rendered in the run's chat template (set on tok, saved with it) before any model is
+    # loaded or anything is written.
+    train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset, tokenizer=tok)
     out = prepare_output_dir(cfg)
     dist.barrier()
-    train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset)  # before any model is loaded
     if dist.is_main():  # before any model loads, so that a run killed while loading can be resumed
         save_run_config(cfg, out)
-    tok = tokenizer or load_tokenizer(cfg.model_name_or_path, cfg)
     if dist.is_main():
         D.summarize(train_ds, tok, cfg, "train")
-    if cfg.completion_only_loss:
-        train_ds = D.tokenize_completion_only(train_ds, tok, cfg)
-        eval_ds = D.tokenize_completion_only(eval_ds, tok, cfg) if eval_ds is not None else None
     set_seed(cfg.seed)  # LoRA init is part of the run's randomness
     if model is None:
         model = load_base_model(cfg)
@@ -330,6 +335,7 @@ def parse_args(argv: list[str], prog: str = "falcon-qlora train") -> RunConfig:
         i = argv.index("--config") + 1
         if i < len(argv):
             argv[i] = str(preset_path(argv[i]))
+            read_yaml(argv[i])  # a syntax error is one line naming the file, not a parser traceback
     parser = TrlParser([Schema], prog=prog)
     parser.error = _parser_error  # argparse would print the usage and exit; we want one line
     try:
