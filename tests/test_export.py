@@ -220,9 +220,10 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 def test_guanaco_go_template_renders_what_chat_builds(tiny_adapter, merged_tiny):
     """The Ollama template gives the exact prompt `falcon-qlora chat` gives the model."""
     from falcon_qlora.chat import build_prompt
-    from falcon_qlora.modelfile import GUANACO, go_template, render_go
+    from falcon_qlora.modelfile import go_template, render_go
+    from falcon_qlora.template import GUANACO_TEMPLATE
     _, tok = merged_tiny
-    go, system = go_template(tok, GUANACO)
+    go, system = go_template(tok, GUANACO_TEMPLATE)
     convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
              {"role": "user", "content": "what is two plus two?"}]
     assert system is None

@@ -115,7 +115,7 @@ def export(adapter: str | Path | None = None, out: str | Path = "model.gguf", qu
     else:
         merged, tok = _load_model(src, path, cfg)
         trained = (src / MARKER).is_file()
-    template, stops = chat_format(tok, trained)
+    template, stops = chat_format(tok)
     text = modelfile(out.name, tok, template, stops)   # fails (one line) before anything is written
     name = f"{Path(cfg.model_name_or_path).name} fine-tuned with falcon-qlora" if trained else src.name
     size = _write_atomically(out, merged, tok, template, quant, name)

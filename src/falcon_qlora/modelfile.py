@@ -1,6 +1,6 @@
 """The chat template a GGUF carries, and the Ollama Modelfile written beside it.
 
-    template, stops = chat_format(tok, trained=True)
+    template, stops = chat_format(tok)
     text = modelfile("model.gguf", tok, template, stops)
 
 llama.cpp reads the Jinja chat template stored in the GGUF; Ollama wants a Go template instead. The Go template is
@@ -12,24 +12,13 @@ from __future__ import annotations
 
 from .errors import UserError
 
-# The format falcon-qlora trains on ("### Human: q ### Assistant: a", turns joined by a space; see data.py and
-# chat.build_prompt), as a Jinja chat template.
-GUANACO = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + ' ' }}"
-           "{% elif m['role'] == 'user' %}{{ '### Human: ' + m['content'] + ' ' }}"
-           "{% elif m['role'] == 'assistant' %}{{ '### Assistant: ' + m['content'] + ' ' }}{% endif %}{% endfor %}"
-           "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}")
-GUANACO_STOPS = ["### Human:"]
 _S, _U1, _A1, _U2 = "\x01SYS\x01", "\x01U1\x01", "\x01A1\x01", "\x01U2\x01"
 
 
-def chat_format(tok, trained: bool) -> tuple[str, list[str]]:
-    """(Jinja chat template, stop strings) of the model being exported. A model trained by falcon-qlora speaks the
-    Guanaco format it was trained on; any other keeps its own template (Guanaco if it has none)."""
-    try:
-        from .template import ensure_template, stop_strings
-    except ImportError:
-        template = tok.chat_template if (tok.chat_template and not trained) else GUANACO
-        return template, (GUANACO_STOPS if template == GUANACO else [])
+def chat_format(tok) -> tuple[str, list[str]]:
+    """(Jinja chat template, stop strings) of the model being exported: the run's template (template.py), which a
+    trained adapter's tokenizer carries, else the model's own, else Guanaco."""
+    from .template import ensure_template, stop_strings
     return ensure_template(tok), list(stop_strings(tok))
 
 

@@ -18,37 +18,21 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .chat import ASSISTANT, HUMAN, stop_on_text
+from . import template
+from .chat import stop_on_text
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting or streaming request checks that its client is still there
 
 
-def chat_template():
-    """The template module that owns the run's chat template, or None where it is not available."""
-    try:
-        from . import template
-    except ImportError:
-        return None
-    return template
-
-
 def prepare_tokenizer(tok) -> None:
     """Give the tokenizer the run's chat template (once, at load)."""
-    if (t := chat_template()) is not None:
-        t.ensure_template(tok)
+    template.ensure_template(tok)
 
 
 def render(tok, messages: list[dict]) -> tuple[str, list[str]]:
-    """(prompt text ending in an open assistant turn, stop strings) for OpenAI-style messages, in the format the
-    adapter was trained on. Without a template module that is Guanaco's: an optional system text first, then
-    '### Human: q ### Assistant: a' turns, as chat.build_prompt writes them."""
-    if (t := chat_template()) is not None:
-        return t.render(tok, messages, add_generation_prompt=True), list(t.stop_strings(tok))
-    parts = [m["content"] for m in messages if m["role"] == "system"]
-    for m in messages:
-        if m["role"] != "system":
-            parts.append(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}")
-    return " ".join(parts + [ASSISTANT]), [HUMAN]
+    """(prompt text ending in an open assistant turn, stop strings) for OpenAI-style messages, in the run's chat
+    template: the format the adapter was trained on."""
+    return template.render(tok, messages, add_generation_prompt=True), list(template.stop_strings(tok))
 
 
 class QueueFull(Exception):
