@@ -75,7 +75,7 @@ def main() -> None:
             record(name, skipped=f"over the {a.budget_s:.0f} s budget")
             continue
         if name == "chat":
-            proc = cli("chat", "chat", "--adapter", str(final), "--prompt", "w1 w2 w3", "--max-new-tokens", "16")
+            proc = cli("chat", "chat", "--adapter", str(final), "--prompt", "w1 w2 w3", "--max_new_tokens", "16")
             result["steps"]["chat"]["traceback"] = "Traceback" in proc.stderr
             out.write_text(json.dumps(result, indent=2))
             continue

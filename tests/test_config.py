@@ -2,7 +2,7 @@
 import pytest
 
 from falcon_qlora.config import PRESETS_DIR, ConfigError, RunConfig, load_config, save_run_config, to_dict
-from falcon_qlora.train import parse_args
+from falcon_qlora.config import parse_args
 
 REFERENCE = dict(
     model_name_or_path="tiiuae/falcon-7b", dataset_name="timdettmers/openassistant-guanaco", dataset_text_field="text",

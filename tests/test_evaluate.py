@@ -55,7 +55,7 @@ def test_max_length_bounds_the_tokens_scored(adapter_model):
 
 def test_cli_prints_table_and_writes_json(tiny_adapter, tmp_path, capsys):
     out = tmp_path / "e.json"
-    assert cli(["--adapter", str(tiny_adapter), "--max-rows", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    assert cli(["--adapter", str(tiny_adapter), "--max_rows", "4", "--batch_size", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "token accuracy" in text and "\nbase " in text and "\nadapter " in text
     saved = json.loads(out.read_text())

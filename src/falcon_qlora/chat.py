@@ -3,7 +3,7 @@
     falcon-qlora chat --adapter results/final                     # multi-turn REPL (/reset, /exit)
     falcon-qlora chat --adapter results/final --prompt "Hi!"      # one shot
     falcon-qlora chat --adapter results/final --system "Answer in one sentence."
-    falcon-qlora chat --adapter results/final --sample --temperature 0.7 --top-p 0.9
+    falcon-qlora chat --adapter results/final --sample --temperature 0.7 --top_p 0.9
     from falcon_qlora.chat import build_prompt, generate; generate(model, tok, [build_prompt([], "Hi", tok)])
 
 The base model is the one named in the adapter's run_config.yaml (or adapter_config.json) unless --base is given;
@@ -12,7 +12,6 @@ at EOS or where the model starts the next "### Human:" turn, which is cut from t
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .errors import UserError
@@ -164,18 +163,19 @@ def repl(model, tok, gen_kwargs: dict, inp=input, max_context: int | None = None
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="falcon-qlora chat", description=__doc__.split("\n\n")[0])
+    from .cli import CommandParser
+    p = CommandParser(prog="falcon-qlora chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", help="adapter folder written by `falcon-qlora train` (e.g. results/final)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--prompt", help="answer this one message and exit (no REPL)")
     p.add_argument("--system", help="system prompt put before the conversation (as the chat template renders one)")
     p.add_argument("--bf16", action="store_true", help="load the base unquantized in bf16 instead of 4-bit")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     a = p.parse_args(argv)
     if a.sample and a.temperature <= 0:

@@ -211,7 +211,7 @@ def _show(when: str, gens: list[Generation], say) -> None:
 def cli(argv: list[str]) -> int:
     """`falcon-qlora demo [--key value ...]`: the demo preset, overridable like `train`; prints a JSON summary last."""
     import warnings
-    from .train import parse_args
+    from .config import parse_args
     if {"-h", "--help"} & set(argv):
         print("falcon-qlora demo: train the demo preset (SmolLM2-135M, 4-bit, contact-card task) and show held-out "
               "loss, answers before/after, the loss plot and the adapter. --export_gguf PATH also writes the adapter "

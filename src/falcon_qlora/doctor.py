@@ -252,7 +252,7 @@ def cli(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: falcon-qlora doctor [--config PRESET_OR_YAML] [--key value ...]\n\n" + __doc__.split("\n\n")[2])
         return 0
-    from .train import parse_args
+    from .config import parse_args
     cfg = parse_args(list(argv))
     results = run_checks(cfg)
     print(report(cfg, results))

@@ -327,7 +327,7 @@ def cli(argv: list[str]) -> int:
         free = [int(float(gib) * GiB)] if gib is not None else None
     except ValueError:
         raise UserError(f"--gpu_memory {gib!r}: give the free GPU memory in GiB, e.g. --gpu_memory 40") from None
-    from .train import parse_args
+    from .config import parse_args
     cfg = parse_args(argv)
     if as_json:
         est = estimate(cfg, device=device, free_bytes=free[0] if free else None)

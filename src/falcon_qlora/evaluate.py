@@ -1,7 +1,7 @@
 """Held-out loss, perplexity and mean token accuracy of the base model and of base + adapter, side by side.
 
     falcon-qlora eval --adapter results/final                       # the run's own held-out split
-    falcon-qlora eval --adapter results/final --data my.jsonl --max-rows 200 --batch-size 4 --max-length 512
+    falcon-qlora eval --adapter results/final --data my.jsonl --max_rows 200 --batch_size 4 --max_length 512
     from falcon_qlora.evaluate import evaluate; evaluate("results/final")          # -> {"base": {...}, ...}
 
 One 4-bit base is loaded; the base rows are computed with the adapter switched off. Batch size and length are the
@@ -10,7 +10,6 @@ than a training step. Loss is the mean over all predicted tokens of the whole te
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -95,13 +94,14 @@ def render(result: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="falcon-qlora eval", description=__doc__.split("\n\n")[0])
+    from .cli import CommandParser
+    p = CommandParser(prog="falcon-qlora eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder written by `falcon-qlora train`")
     p.add_argument("--data", help="dataset name, file or folder (default: the run's dataset)")
     p.add_argument("--split", help="split to score (default: the run's eval_split)")
-    p.add_argument("--max-rows", type=int, help="score only the first N rows")
-    p.add_argument("--batch-size", type=int, help=f"rows per forward (default: eval batch, at most {MAX_EVAL_BATCH})")
-    p.add_argument("--max-length", type=int, help="truncate rows to N tokens (default: the run's max_length)")
+    p.add_argument("--max_rows", type=int, help="score only the first N rows")
+    p.add_argument("--batch_size", type=int, help=f"rows per forward (default: eval batch, at most {MAX_EVAL_BATCH})")
+    p.add_argument("--max_length", type=int, help="truncate rows to N tokens (default: the run's max_length)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--out", help="JSON file to write (default: <adapter>/eval.json)")
     a = p.parse_args(argv)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
-from .config import ConfigError, RunConfig, check_runtime, make_config, preset_path, read_yaml, save_run_config
+from .config import RunConfig, check_runtime, parse_args, save_run_config
 from .errors import UserError
 
 
@@ -323,46 +323,6 @@ def save_final(trainer, tok, cfg: RunConfig, out: Path, final: Path, history: li
         remove(staging)
         raise disk_full(cfg, out, "writing the final adapter") from None
     print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
-
-
-def parse_args(argv: list[str], prog: str = "falcon-qlora train") -> RunConfig:
-    """`--config PRESET_OR_YAML` then `--key value` overrides, through TRL's TrlParser."""
-    from pydantic import ValidationError
-    from trl import TrlParser
-    from .config import RunConfig as Schema, _pretty
-    argv = list(argv)
-    if "--config" in argv:
-        i = argv.index("--config") + 1
-        if i < len(argv):
-            argv[i] = str(preset_path(argv[i]))
-            read_yaml(argv[i])  # a syntax error is one line naming the file, not a parser traceback
-    parser = TrlParser([Schema], prog=prog)
-    parser.error = _parser_error  # argparse would print the usage and exit; we want one line
-    try:
-        (cfg,) = parser.parse_args_and_config(argv)
-    except ValidationError as err:
-        raise ConfigError(_pretty(err)) from None
-    except ValueError as err:  # argparse errors (see _parser_error), unknown keys in the YAML or on the command line
-        raise ConfigError(_parse_message(str(err))) from None
-    return make_config(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
-
-
-def _parser_error(message: str):
-    raise ValueError(message)
-
-
-def _parse_message(msg: str) -> str:
-    """TRL/HfArgumentParser say 'Unknown arguments from config file: ['--x', '1']. Please ... add them to the
-    dataclass ...'; users need the key names and where to look them up."""
-    import re
-    msg = msg.splitlines()[0]
-    listed = re.search(r"\[(.*)\]", msg)
-    if "nknown arguments" in msg or "not used by the HfArgumentParser" in msg:
-        items = [k.strip(" '\"") for k in listed.group(1).split(",")] if listed else []
-        keys = ", ".join(k.lstrip("-") for k in items if k.startswith("--")) or "?"
-        where = "in the config file" if "config file" in msg else "on the command line"
-        return f"unknown config key {keys} {where} (see falcon-qlora train --help for the valid keys)"
-    return f"{msg} (see falcon-qlora train --help)"
 
 
 def cli(argv: list[str]) -> int:
