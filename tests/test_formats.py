@@ -210,8 +210,8 @@ def test_smollm2_trains_in_its_own_chatml_template(smollm2, tmp_path):
     row = _masked_row(tok, [{"messages": CONVERSATION}], "messages")
     head = "<|im_start|>user\n"
     ids, mask = _expected(tok, [(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n{head}What is two plus three?<|im_end|>\n"
-                                 "<|im_start|>assistant\n", 0), ("Two plus three is five.<|im_end|>\n", 1),
-                                (f"{head}And what is that plus one?<|im_end|>\n<|im_start|>assistant\n", 0),
+                                 "<|im_start|>assistant\n", 0), ("Two plus three is five.<|im_end|>", 1),
+                                (f"\n{head}And what is that plus one?<|im_end|>\n<|im_start|>assistant\n", 0),
                                 ("Five plus one is six.<|im_end|>", 1)])
     assert (row["input_ids"], row["completion_mask"]) == (ids, mask)  # ends with EOS (<|im_end|>) once
     assert tok.chat_template == own and template.stop_strings(tok) == ["<|im_start|>user"]
