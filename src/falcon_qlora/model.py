@@ -239,6 +239,22 @@ def check_targets(model, target_modules: list[str]) -> None:
                         f"its linear layers are: {', '.join(linears)}")
 
 
+def check_targets_early(cfg: RunConfig, model=None) -> None:
+    """lora_target_modules against the model's module names before anything is written: from the model passed in,
+    else from an empty model built on the 'meta' device from its config alone (no weights are read)."""
+    if model is None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path),
+                                                trust_remote_code=cfg.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        except Exception:  # noqa: BLE001 - the real load says what is wrong, in one line
+            return
+    check_targets(model, cfg.lora_target_modules)
+
+
 def attach_lora(model, cfg: RunConfig):
     """Wrap the base in a peft LoRA model; only the adapter's parameters train."""
     from peft import get_peft_model

@@ -231,8 +231,8 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     loaded from the config. Returns where things were written and the final metrics."""
     from transformers.trainer_utils import set_seed
     from . import data as D
-    from .model import (attach_lora, check_trainable_layout, count_linear4bit, load_base_model, load_tokenizer,
-                        resolve_compute_dtype, save_fingerprint, trainable_summary)
+    from .model import (attach_lora, check_targets_early, check_trainable_layout, count_linear4bit, load_base_model,
+                        load_tokenizer, resolve_compute_dtype, save_fingerprint, trainable_summary)
     from .checkpoints import StopOnSignal
     from .throughput import summary as throughput_summary
     from .guards import check_bitsandbytes, check_disk, inside
@@ -247,6 +247,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     # Rows validated and rendered in the run's chat template (set on tok, saved with it) before any model is
     # loaded or anything is written.
     train_ds, eval_ds = D.load_dataset_splits(cfg, train_dataset, eval_dataset, tokenizer=tok)
+    check_targets_early(cfg, model)  # a lora_target_modules typo, before the run config is written
     out = prepare_output_dir(cfg)
     dist.barrier()
     if dist.is_main():  # before any model loads, so that a run killed while loading can be resumed
