@@ -66,7 +66,8 @@ def test_reference_text_rows_are_trained_byte_for_byte(tiny_falcon_7b_arch, tiny
     from falcon_qlora.model import attach_lora, load_base_model
     from falcon_qlora.train import build_trainer
     raw = [json.loads(x)["text"] for x in (tiny_data / "train.jsonl").read_text().splitlines()]
-    cfg = make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path))
+    # the reference path's padded batches (on a GPU, profile auto would take padding-free rows instead)
+    cfg = make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, profile="reference"))
     train, _ = load_dataset_splits(cfg, tokenizer=falcon_tok)
     assert train["text"] == raw
     trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), falcon_tok, train, None)
@@ -181,7 +182,7 @@ def test_eos_only_tokenizer_trains_and_eos_keeps_its_label(tmp_path):
     from falcon_qlora.train import build_trainer, train
     model_dir = build_falcon(tmp_path / "gpt2-style", new_decoder_architecture=False, eos_only=True)
     cfg = make_config(**tiny_overrides(model_dir, EXAMPLES / "text.jsonl", tmp_path / "run", max_steps=2,
-                                       eval_split=None))
+                                       eval_split=None, profile="reference"))  # padded batches, on any device
     tok = load_tokenizer(str(model_dir), cfg)
     assert tok.pad_token_id == tok.eos_token_id
     ds, _ = load_dataset_splits(cfg, tokenizer=tok)
