@@ -120,3 +120,20 @@ def test_base_from_adapter_config_and_bf16_flag(tiny_adapter, tmp_path):
     model16, _ = load_chat_model(str(tiny_adapter), bf16=True)
     assert count_linear4bit(model16) == 0
     assert model16.get_base_model().transformer.h[0].mlp.dense_h_to_4h.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_generation_stops_where_the_runs_own_template_starts_a_user_turn(chat_model):
+    """Not only Guanaco's '### Human:': the stop strings come from the tokenizer's chat template."""
+    model, tok = chat_model
+    saved = tok.chat_template
+    tok.chat_template = ("{% for m in messages %}{{ ('USER: ' if m['role'] == 'user' else 'BOT: ') + m['content'] + ' ' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ 'BOT:' }}{% endif %}")
+    try:
+        prompt = build_prompt([], "what is two plus two?", tok)
+        assert prompt == "USER: what is two plus two? BOT:"
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        allowed, _ = _forced(tok, n, " two plus two is four. USER: what is one plus one?")
+        assert generate(model, tok, [prompt], max_new_tokens=30, prefix_allowed_tokens_fn=allowed) == [
+            "two plus two is four."]
+    finally:
+        tok.chat_template = saved

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from . import template
 from .errors import UserError
 
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
@@ -31,16 +32,29 @@ def build_prompt(history: list[tuple[str, str]], message: str, tokenizer=None, s
     return render(tokenizer, messages, add_generation_prompt=True)
 
 
-def cut_at_stop(text: str) -> str:
-    return text.split(HUMAN, 1)[0].strip()
+def cut_at_stop(text: str, stops: list[str] = (HUMAN,)) -> str:
+    """The answer up to the first stop string (where the model began the next user turn)."""
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text.strip()
 
 
 class _StopAwareStreamer:
-    """Prints tokens as they come, holding back any tail that could be the start of the next "### Human:"."""
+    """Prints tokens as they come, holding back any tail that could be the start of a stop string."""
 
-    def __init__(self, tokenizer, out=None):
-        self.tok, self.out = tokenizer, out or sys.stdout
+    def __init__(self, tokenizer, stops: list[str], out=None):
+        self.tok, self.stops, self.out = tokenizer, list(stops), out or sys.stdout
         self.ids, self.shown, self.skip_prompt, self.stopped = [], 0, True, False
+
+    def _safe_end(self, text: str) -> int:
+        """How much of `text` can be shown: up to a stop string, and short of a tail that may grow into one."""
+        end = min([text.find(s) for s in self.stops if s in text], default=len(text))
+        for stop in self.stops:
+            for k in range(min(len(stop), end), 0, -1):  # a partial "### Hu" stays unprinted for now
+                if stop.startswith(text[end - k:end]):
+                    end -= k
+                    break
+        return len(text[:end].rstrip())  # spaces before a possible stop string wait too
 
     def put(self, value):
         if self.skip_prompt:  # generate() first hands over the prompt
@@ -48,23 +62,16 @@ class _StopAwareStreamer:
             return
         self.ids.extend(value.reshape(-1).tolist())
         text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
-        end = text.find(HUMAN)
-        if end < 0:
-            end = len(text)
-            for k in range(min(len(HUMAN), len(text)), 0, -1):  # a partial "### Hu" stays unprinted for now
-                if HUMAN.startswith(text[-k:]):
-                    end = len(text) - k
-                    break
-        end = len(text[:end].rstrip())  # spaces before a possible stop string wait too
+        end = self._safe_end(text)
         if end > self.shown and not self.stopped:
             self.out.write(text[self.shown:end])
             self.out.flush()
             self.shown = end
-        self.stopped = self.stopped or HUMAN in text
+        self.stopped = self.stopped or any(s in text for s in self.stops)
 
     def end(self):
         text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
-        final = len(text.split(HUMAN, 1)[0].rstrip())
+        final = len(cut_at_stop(text, self.stops)) if text.strip() else 0
         if final > self.shown and not self.stopped:
             self.out.write(text[self.shown:final])
         self.out.write("\n")
@@ -91,7 +98,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do
              temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
              stream: bool = False, **generate_kwargs) -> list[str]:
     """Answers for a batch of prompts (padded on the left, so every row's next token follows its own prompt).
-    Stops at EOS or at the next "### Human:"; returns only the new text. stream=True prints one prompt's answer
+    Stops at EOS or where the run's chat template begins the next user turn ("### Human:"); returns only the new
+    text. stream=True prints one prompt's answer
     as it is generated. generate_kwargs go to model.generate as they are."""
     import torch
     if stream and len(prompts) != 1:
@@ -105,15 +113,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do
     device = next(p.device for p in model.parameters())
     enc = {k: v.to(device) for k, v in enc.items()}
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-    streamer = _StopAwareStreamer(tokenizer) if stream else None
+    stops = template.stop_strings(tokenizer)  # the run's next user turn: "### Human:" for Guanaco
+    streamer = _StopAwareStreamer(tokenizer, stops) if stream else None
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, streamer=streamer, use_cache=True,
-                             stopping_criteria=stop_on_text(tokenizer, [HUMAN], enc["input_ids"].shape[1]),
+                             stopping_criteria=stop_on_text(tokenizer, stops, enc["input_ids"].shape[1]),
                              **sampling, **generate_kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
-    return [cut_at_stop(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [cut_at_stop(t, stops) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = False):

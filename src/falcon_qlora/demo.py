@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import HUMAN, cut_at_stop, stop_on_text
+from . import template
+from .chat import cut_at_stop, stop_on_text
 from .data import SPANS
 from .errors import UserError
 
@@ -115,14 +116,16 @@ def generate(model, tok, texts: list[str], spans: list[tuple[int, int]]) -> list
     finally:
         tok.padding_side = side
     model.eval()
+    stops = template.stop_strings(tok)  # the next user turn of the run's template
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             stopping_criteria=stop_on_text(tok, [HUMAN], enc.input_ids.shape[1]))
+                             stopping_criteria=stop_on_text(tok, stops, enc.input_ids.shape[1]))
     out = []
     for prompt, want, row in zip(prompts, expected, ids[:, enc.input_ids.shape[1]:].tolist()):
         ended = tok.eos_token_id in row
-        answer = cut_at_stop(tok.decode(row[:row.index(tok.eos_token_id)] if ended else row, skip_special_tokens=True))
+        text = tok.decode(row[:row.index(tok.eos_token_id)] if ended else row, skip_special_tokens=True)
+        answer = cut_at_stop(text, stops)
         out.append(Generation(prompt, want, answer, ended, _same_card(answer, want)))
     return out
 
