@@ -57,3 +57,14 @@ def test_notebook_runs_with_the_embedded_smollm2(smollm2, tmp_path, monkeypatch)
     outputs = "".join(str(o) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
     assert "210 Linear4bit layers" in outputs and "trainable parameters" in outputs
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_the_parameters_cell_is_the_config_with_its_own_help():
+    """Every config key at its reference default with the config's help as its comment, then the notebook's own
+    few names: the cell cannot drift from the config."""
+    import json
+    from falcon_qlora.config import notebook_parameters
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    [cell] = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    source = "".join(cell["source"])
+    assert source.startswith(notebook_parameters() + "\n# Notebook only:")

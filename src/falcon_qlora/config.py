@@ -379,5 +379,15 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def notebook_parameters() -> str:
+    """The notebook's parameters cell: every key at its reference default, commented with its field help, so the
+    cell cannot drift from the config (tests/test_notebook.py compares them)."""
+    lines = ["# Parameters: the reference recipe. Every name here is a falcon-qlora config key."]
+    default = RunConfig()
+    for f in fields(RunConfig):
+        lines.append(f"{f.name} = {getattr(default, f.name)!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(reference_markdown(), end="")
