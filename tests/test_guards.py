@@ -209,7 +209,7 @@ def test_disk_full_during_the_run_names_the_last_good_checkpoint(where, tiny_fal
     cfg = make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out))
     assert code == 2 and lines[-1].startswith(f"falcon-qlora train: error: the disk of {out} is full"), lines[-3:]
     last = "checkpoint-4" if where == "final" else "checkpoint-2"
-    assert f"the last good checkpoint is {out / last}" in lines[-1] and resume_command(cfg) in lines[-1]
+    assert f"last good checkpoint {out / last}" in lines[-1] and resume_command(cfg) in lines[-1]
     assert not list(out.glob(".staging-*")) and verify(out / last) is None
 
 

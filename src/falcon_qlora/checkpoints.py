@@ -246,11 +246,18 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 RUN_FILES = ("run_config.yaml", "base_fingerprint.json")  # copied from the run dir into every checkpoint
 
 
+def standing(out: Path, cfg) -> tuple[str, str]:
+    """Where a stopped run stands, for its one-line message: ('last good checkpoint X' or 'no checkpoint saved
+    yet', 'resume with: COMMAND' or 'rerun')."""
+    found = complete_checkpoints(Path(out))
+    last = f"last good checkpoint {found[-1]}" if found else "no checkpoint saved yet"
+    then = f"resume with: {resume_command(cfg)}" if found and cfg is not None else "rerun"
+    return last, then
+
+
 def disk_full(cfg, out: Path, what: str) -> UserError:
     """The one line for a disk that filled up during the run (after the start-up check passed)."""
-    found = complete_checkpoints(Path(out))
-    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
-    then = f"resume with: {resume_command(cfg)}" if found and cfg is not None else "rerun"
+    last, then = standing(out, cfg)
     return UserError(f"the disk of {out} is full (no space left on device) while {what}; {last}. Free some space, "
                      f"then {then}")
 

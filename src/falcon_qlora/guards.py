@@ -57,22 +57,13 @@ class DivergenceWatch:
             return
         self.above = self.above + 1 if mean > self.factor * self.first else 0
         if self.above >= DIVERGENCE_STEPS:
+            from .checkpoints import standing
             raise DivergenceError(
                 f"training stopped at step {step}: the loss has stayed above {self.factor:g}x its first value "
                 f"({mean:.3g} vs {self.first:.3g}) for {DIVERGENCE_STEPS} steps: training diverged; "
-                f"{_last_good(trainer, cfg)}. Likely causes: learning_rate too high (now "
-                f"{trainer.args.learning_rate:g}), broken 4-bit kernels on this machine (run falcon-qlora doctor), "
-                "or bad rows. Set divergence_factor=None to train on regardless")
-
-
-def _last_good(trainer, cfg) -> str:
-    """Where a stopped run stands: its newest complete checkpoint and the command that resumes from it."""
-    from .checkpoints import complete_checkpoints, resume_command
-    found = complete_checkpoints(Path(trainer.args.output_dir))
-    if not found:
-        return "no checkpoint saved yet"
-    resume = f"; resume with: {resume_command(cfg)}" if cfg is not None else ""
-    return f"last good checkpoint {found[-1]}{resume}"
+                f"{'; '.join(standing(Path(trainer.args.output_dir), cfg))}. Likely causes: learning_rate too high "
+                f"(now {trainer.args.learning_rate:g}), broken 4-bit kernels on this machine (run falcon-qlora "
+                "doctor), or bad rows. Set divergence_factor=None to train on regardless")
 
 
 def check_finite(what: str, value, trainer, cfg=None, step: int | None = None) -> None:
@@ -85,20 +76,18 @@ def check_finite(what: str, value, trainer, cfg=None, step: int | None = None) -
     scaler = getattr(trainer.accelerator, "scaler", None)
     if what == "grad_norm" and scaler is not None and scaler.get_scale() >= 1.0:
         return
-    from .checkpoints import complete_checkpoints, resume_command
+    from .checkpoints import standing
     args = trainer.args
     step = trainer.state.global_step + 1 if step is None else step  # default: the step being computed
-    found = complete_checkpoints(Path(args.output_dir))
-    last = f"last good checkpoint {found[-1]}" if found else "no checkpoint saved yet"
+    last, then = standing(Path(args.output_dir), cfg)
     if args.fp16:
         fix = ("fp16 overflows on Falcon: set compute_dtype=bf16 (Ampere or newer GPUs) or fp32, which keeps "
                "layer norms in fp32, or lower learning_rate")
     else:
         fix = (f"the update diverged: lower learning_rate (now {args.learning_rate:g}) or max_grad_norm, "
                "and check the rows of this step")
-    resume = f" then resume with: {resume_command(cfg)}" if cfg is not None and found else ""
     raise NonFiniteError(f"training stopped at step {step}: {what} is {v} (not a finite number); {last}. "
-                         f"Likely fix: {fix};{resume or ' then rerun'}")
+                         f"Likely fix: {fix}; then {then}")
 
 
 def _gb(n: float) -> str:
