@@ -68,3 +68,30 @@ def test_the_parameters_cell_is_the_config_with_its_own_help():
     [cell] = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     source = "".join(cell["source"])
     assert source.startswith(notebook_parameters() + "\n# Notebook only:")
+
+
+def test_the_install_cell_without_a_checkout_stops_in_one_line_naming_what_to_set(tmp_path, monkeypatch):
+    """Opened in Colab without the repository, the notebook installs from PACKAGE or stops at once; it never
+    guesses a repository address."""
+    import json
+    import pytest
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    source = "".join(nb["cells"][1]["source"])
+    assert "github.com/" not in source.replace("github.com/YOU/", "")
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml here
+    monkeypatch.delenv("FALCON_QLORA_PACKAGE", raising=False)
+    monkeypatch.delenv("FALCON_QLORA_SKIP_INSTALL", raising=False)
+    with pytest.raises(SystemExit, match="set PACKAGE in this cell") as stop:
+        exec(compile(source, "install-cell", "exec"), {})
+    assert "\n" not in str(stop.value)
+
+
+def test_on_a_t4_the_preset_fills_only_what_was_left_at_the_default():
+    from falcon_qlora.config import RunConfig, from_namespace, notebook_parameters
+    namespace = {}
+    exec(notebook_parameters(), namespace)  # the parameters cell as shipped: the reference recipe
+    namespace["save_total_limit"] = 5       # one value the user changed
+    cfg = from_namespace(namespace, preset="colab-t4")
+    assert (cfg.compute_dtype, cfg.profile, cfg.save_steps) == ("fp16", "memory", 50)  # the preset's
+    assert cfg.save_total_limit == 5 and cfg.lora_r == RunConfig().lora_r            # the user's, the recipe's
+    assert from_namespace(namespace) == RunConfig(**{**RunConfig().__dict__, "save_total_limit": 5})

@@ -319,9 +319,17 @@ def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
     return path
 
 
-def from_namespace(namespace: dict) -> RunConfig:
-    """The notebook's parameters cell -> a RunConfig: every variable named like a config key is used."""
-    return make_config(**{k: v for k, v in namespace.items() if k in field_names()})
+def from_namespace(namespace: dict, preset: str | None = None) -> RunConfig:
+    """The notebook's parameters cell -> a RunConfig: every variable named like a config key is used. With a preset
+    (the notebook passes colab-t4 on a T4), the preset's values replace the keys still at their reference default;
+    every value the user changed wins."""
+    values = {k: v for k, v in namespace.items() if k in field_names()}
+    if preset:
+        default = RunConfig()
+        for key, value in read_yaml(preset_path(preset)).items():
+            if values.get(key, getattr(default, key)) == getattr(default, key):
+                values[key] = value
+    return make_config(**values)
 
 
 def parse_args(argv: list[str], prog: str = "falcon-qlora train") -> RunConfig:
