@@ -39,6 +39,23 @@ def cut_at_stop(text: str, stops: list[str] = (HUMAN,)) -> str:
     return text.strip()
 
 
+def settled(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(the part of a growing answer that is final, whether a stop string ended it): the text up to the first stop
+    string; without one, short of a tail that may still grow into one (a partial "### Hu") and of a character split
+    across tokens. Whitespace at either end waits. Streaming in chat and serve shows exactly this."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut].strip(), True
+    end = len(text)
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if stop.startswith(text[-k:]):
+                end = min(end, len(text) - k)
+                break
+    safe = text[:end].strip()
+    return (safe[:-1] if safe.endswith("\ufffd") else safe), False
+
+
 class _StopAwareStreamer:
     """Prints tokens as they come, holding back any tail that could be the start of a stop string."""
 
@@ -46,34 +63,25 @@ class _StopAwareStreamer:
         self.tok, self.stops, self.out = tokenizer, list(stops), out or sys.stdout
         self.ids, self.shown, self.skip_prompt, self.stopped = [], 0, True, False
 
-    def _safe_end(self, text: str) -> int:
-        """How much of `text` can be shown: up to a stop string, and short of a tail that may grow into one."""
-        end = min([text.find(s) for s in self.stops if s in text], default=len(text))
-        for stop in self.stops:
-            for k in range(min(len(stop), end), 0, -1):  # a partial "### Hu" stays unprinted for now
-                if stop.startswith(text[end - k:end]):
-                    end -= k
-                    break
-        return len(text[:end].rstrip())  # spaces before a possible stop string wait too
+    def _write(self, text: str) -> None:
+        if len(text) > self.shown:
+            self.out.write(text[self.shown:])
+            self.out.flush()
+            self.shown = len(text)
 
     def put(self, value):
         if self.skip_prompt:  # generate() first hands over the prompt
             self.skip_prompt = False
             return
+        if self.stopped:
+            return
         self.ids.extend(value.reshape(-1).tolist())
-        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
-        end = self._safe_end(text)
-        if end > self.shown and not self.stopped:
-            self.out.write(text[self.shown:end])
-            self.out.flush()
-            self.shown = end
-        self.stopped = self.stopped or any(s in text for s in self.stops)
+        text, self.stopped = settled(self.tok.decode(self.ids, skip_special_tokens=True), self.stops)
+        self._write(text)
 
     def end(self):
-        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
-        final = len(cut_at_stop(text, self.stops)) if text.strip() else 0
-        if final > self.shown and not self.stopped:
-            self.out.write(text[self.shown:final])
+        if not self.stopped:
+            self._write(cut_at_stop(self.tok.decode(self.ids, skip_special_tokens=True), self.stops))
         self.out.write("\n")
         self.out.flush()
 

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from . import template
-from .chat import stop_on_text
+from .chat import settled, stop_on_text
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting or streaming request checks that its client is still there
 
@@ -80,22 +80,9 @@ class _JobStreamer:
         self.ids.extend(value.reshape(-1).tolist())
         if self.job.seconds_to_first_token is None:
             self.job.seconds_to_first_token = time.perf_counter() - self.start
-        text = self.tok.decode(self.ids, skip_special_tokens=True)    # searched as stop_on_text searches it
-        cut = min((i for i in (text.find(s) for s in self.job.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self._send(text[:cut].strip())
-            return
-        end = len(text)
-        for s in self.job.stops:          # a tail like "### Hu" waits: it may be the start of a stop string
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if s.startswith(text[-k:]):
-                    end = min(end, len(text) - k)
-                    break
-        safe = text[:end].strip()         # the space after the prompt goes; spaces before a possible stop wait
-        if safe.endswith("\ufffd"):       # a character split across tokens
-            safe = safe[:-1]
-        self._send(safe)
+        # searched as stop_on_text searches it; a tail like "### Hu" waits (chat.settled)
+        text, self.stopped = settled(self.tok.decode(self.ids, skip_special_tokens=True), self.job.stops)
+        self._send(text)
 
     def end(self) -> None:
         if not self.stopped:
