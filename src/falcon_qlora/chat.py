@@ -16,8 +16,7 @@ import sys
 
 from . import template
 from .errors import UserError
-
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+from .template import ASSISTANT, HUMAN  # the Guanaco markers
 
 
 def build_prompt(history: list[tuple[str, str]], message: str, tokenizer=None, system: str | None = None) -> str:

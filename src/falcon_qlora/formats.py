@@ -12,11 +12,12 @@ types, cannot break loading.
 """
 from __future__ import annotations
 
+from .template import ASSISTANT, HUMAN  # the Guanaco markers
+
 FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 
 
 class RowError(ValueError):
