@@ -30,11 +30,11 @@ elif [ "$1" = run ]; then
   for k in 0 1 2; do
     shard=$(echo "$files" | awk -v k=$k 'NR % 3 == k')
     (CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=5 FALCON_QLORA_CACHE=/tmp/cache-cpu$k timeout ${LIMIT_S:-560} \
-       python3 -m pytest -q -p no:cacheprovider -rs --basetemp=/tmp/pt-cpu$k ${PYTEST_ARGS} $shard 2>&1 \
-       | grep -v -i "warn" > $OUT/pytest_cpu$k.txt) &
+       python3 -m pytest -q -p no:cacheprovider -rfEs --basetemp=/tmp/pt-cpu$k ${PYTEST_ARGS} $shard 2>&1 \
+       | awk '!/[Ww]arn/ || / passed| failed| error/' > $OUT/pytest_cpu$k.txt) &
   done
-  FALCON_QLORA_CACHE=/tmp/cache-gpu timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rs \
-    --basetemp=/tmp/pt-gpu ${PYTEST_ARGS} 2>&1 | grep -v -i "warn" > $OUT/pytest_gpu.txt
+  FALCON_QLORA_CACHE=/tmp/cache-gpu timeout ${LIMIT_S:-560} python3 -m pytest -q -p no:cacheprovider -rfEs \
+    --basetemp=/tmp/pt-gpu ${PYTEST_ARGS} 2>&1 | awk '!/[Ww]arn/ || / passed| failed| error/' > $OUT/pytest_gpu.txt
   wait
   tail -15 $OUT/pytest_gpu.txt; for k in 0 1 2; do echo "=== cpu shard $k"; tail -8 $OUT/pytest_cpu$k.txt; done
 fi
