@@ -71,6 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", required=True, help="where to write the results")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated (default: {','.join(QUANTS)})")
     p.add_argument("--work-dir", default=None, help="where the model and files are written (default: the system temp)")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "QUANT", "OUT_DIR"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -87,7 +88,7 @@ def main() -> None:
         start = time.time()
         build(tmp / "model", a.tiny)
         results["build_seconds"] = round(time.time() - start, 1)
-        for quant in QUANTS:
+        for quant in a.quants.split(","):
             if quant == "q4_k_m" and not llamacpp.available():
                 results["runs"].append({"quant": quant, "skipped": "llama-cpp-python is not installed"})
                 continue

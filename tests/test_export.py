@@ -69,6 +69,24 @@ def test_the_file_carries_tokenizer_merges_specials_and_the_guanaco_template(tin
     assert back(TEXT).input_ids == tok(TEXT).input_ids
 
 
+def test_a_bf16_model_folder_exports_the_same_file_as_its_fp32_copy(tiny_falcon, tmp_path):
+    """A model folder loads in its saved dtype (half the host memory for bf16): the file must not change."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_falcon, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_falcon)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())   # values a bf16 folder holds exactly
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        folder = tmp_path / str(dtype).split(".")[1] / "model"   # same folder name: the file's name field matches
+        model.to(dtype).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        outs.append(export(model=folder, out=folder.parent / "m.gguf", quant="q8_0"))
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
 def test_both_falcon_layouts_export_with_their_kv_heads_and_norms(tiny_falcon, tmp_path):
     """Both decoder layouts export; the 40B layout's head_count_kv is its number of KV groups."""
     from gguf import GGUFReader

@@ -69,11 +69,12 @@ def _check_disk(folder: Path, need: int) -> None:
 
 
 def _load_model(model: Path, path: str, cfg):
-    import torch
     from transformers import AutoModelForCausalLM
     from .model import load_tokenizer
     tok = load_tokenizer(path, cfg)
-    merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    # In the dtype it was saved in: the writer widens one tensor at a time to fp32 (exact from bf16/f16), so the file
+    # is the same as from an fp32 load, in half the host memory for a bf16 folder.
+    merged = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=False)
     return merged.eval(), tok
 
 
