@@ -120,3 +120,20 @@ def test_profiles_refuse_fsdp_and_auto_falls_back_to_reference(monkeypatch):
 def test_an_uneven_effective_batch_is_the_batch_policys_error():
     with pytest.raises(ConfigError, match="batch_policy=per_device"):
         P.make_plan(load_config("reference"), processes=3)
+
+
+def test_train_prints_and_records_the_split_that_ran(tiny_falcon_7b_arch, tiny_data, tmp_path, capsys):
+    """The memory profile runs the config's 2 x 2 as 4 x 1: the printed plan, the returned metrics and the first
+    line of metrics.jsonl say 4 x 1."""
+    import json
+    from conftest import tiny_overrides
+    from falcon_qlora.train import train
+    cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, max_steps=1, save_steps=100,
+                                             eval_split=None, profile="memory", per_device_train_batch_size=2,
+                                             gradient_accumulation_steps=2))
+    result = train(cfg)
+    assert "profile memory (as configured); effective batch 4 rows = 4 per device x 1 accumulation" in \
+        capsys.readouterr().out
+    assert (result.metrics["per_device_batch"], result.metrics["gradient_accumulation"]) == (4, 1)
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["plan"]["profile"] == "memory" and first["plan"]["per_device_batch"] == 4
