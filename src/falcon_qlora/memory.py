@@ -15,16 +15,12 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .errors import UserError
 from .estimate_activations import (CUBLAS_THREADS, cublas_workspace_bytes, layer_activation_bytes,
                                    lora_weight_copies)
 from .offload import MIN_BYTES as OFFLOAD_MIN  # smaller saved tensors stay on the GPU
-
-if TYPE_CHECKING:
-    from .plan import RunPlan
 
 GiB = 2 ** 30
 # Shapes of the models a user is likely to estimate before downloading them (from their config.json files).
@@ -121,8 +117,9 @@ def shapes(name: str) -> dict:
     return model_shapes(model_config(name))
 
 
-def peak(cfg: RunConfig, plan: "RunPlan") -> dict:
-    """Peak training memory of one process running `plan` (bytes), on the plan's device.
+def peak(cfg: RunConfig, plan) -> dict:
+    """Peak training memory of one process running `plan` (a plan.RunPlan; not imported: plan.py costs its candidate
+    splits here), in bytes, on the plan's device.
 
     Peak = base weights (4-bit linears + the rest in the compute dtype) + LoRA weights, gradients and optimizer
     state (fp32; paged states live in unified memory, outside torch's count) + activations of one micro-batch of
