@@ -25,8 +25,8 @@ def test_h200_falcon_7b_at_512_tokens_runs_speed_in_one_micro_batch():
 
 
 def test_h200_falcon_7b_at_2048_tokens_splits_in_two():
-    """Measured: speed at 8 x 2 peaks at 90.2 GiB; 16 rows of 2048 tokens would need about twice that, more than the
-    H200 has, so 16 x 1 must not be chosen."""
+    """Measured (bench/raw/h200_speed_2048.json): speed at 8 x 2 peaks at 90.2 GiB; 16 rows of 2048 tokens would
+    need about twice that, more than the H200 has, so 16 x 1 must not be chosen."""
     cfg = load_config("reference", max_length=2048)
     plan = P.make_plan(cfg, H200_FREE, device="cuda")
     assert _split(plan) == ("speed", 8, 2)
