@@ -264,7 +264,8 @@ def extrapolate(result, shape, a, lora_per_layer, layer_b, rest_b) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse(argv)
-    if not a.no_fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+    from falcon_qlora.distributed import fsdp_enabled
+    if not a.no_fsdp and not fsdp_enabled():
         relaunch_under_accelerate(argv)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     import torch
-    from falcon_qlora import profiles as P
+    from falcon_qlora.plan import make_plan
     from falcon_qlora.config import library_versions, load_config
     from falcon_qlora.embedded import smollm2_path
     from falcon_qlora.measure import training_peak
@@ -36,7 +36,7 @@ def main() -> None:
     for profile in ("reference", "speed", "memory"):
         cfg = load_config("demo", output_dir=f"/tmp/demo-peak-{profile}", overwrite=True, profile=profile,
                           **({"max_steps": args.steps} if args.steps else {}))
-        plan = P.plan(cfg, profile)
+        plan = make_plan(cfg)
         t = time.time()
         try:
             peak = training_peak(cfg)
@@ -52,7 +52,7 @@ def main() -> None:
         cfg = load_config("demo", output_dir="/tmp/demo-gpu", overwrite=True)
         t1 = time.time()
         demo = run_demo(cfg)
-        out["demo"] = {"profile": P.resolve_profile(cfg), "demo_s": round(time.time() - t1, 1), **demo.summary(),
+        out["demo"] = {"profile": make_plan(cfg).profile, "demo_s": round(time.time() - t1, 1), **demo.summary(),
                        "generations_after": [g.__dict__ for g in demo.generations_after]}
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps({k: v for k, v in out.items() if k != "demo"}, indent=1))

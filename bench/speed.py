@@ -217,7 +217,7 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
                 memory_rows=None, args_over=None, **over):
     """One training run through the package's path on the shared 4-bit base; the base is restored afterwards.
     parts: an ablation through TRL's plain SFTTrainer. trainer_parts / memory_rows: `falcon-qlora train`'s trainer
-    (build_trainer) with profiles.PROFILE_PARTS[profile] / profiles.MEMORY_ROWS replaced for this run.
+    (build_trainer) with plan.PROFILE_PARTS[profile] / the memory profile's rows per micro-batch replaced.
     args_over: SFTConfig fields set after the profile (ablations only)."""
     from datasets import Dataset
     from transformers.trainer_utils import set_seed
@@ -237,22 +237,19 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
     state = {"stamps": []}
     cbs = callbacks(state, prof_step, grab_grads)
     ds = Dataset.from_list(rows)
-    if parts is None:  # a profile as users get it: falcon_qlora.train.build_trainer applies it
+    from falcon_qlora import plan as PL
+    if parts is None:  # a profile as users get it: falcon_qlora.train.build_trainer applies its plan
         from falcon_qlora.train import build_trainer
-        saved = P.PROFILE_PARTS.get(profile), P.MEMORY_ROWS
-        if trainer_parts is not None:
-            P.PROFILE_PARTS[profile] = tuple(trainer_parts)
-        P.MEMORY_ROWS = memory_rows or P.MEMORY_ROWS
-        try:
-            trainer = build_trainer(cfg, model, tok, ds, None, callbacks=cbs)
-        finally:
-            if saved[0] is not None:
-                P.PROFILE_PARTS[profile] = saved[0]
-            P.MEMORY_ROWS = saved[1]
+        plan = PL.make_plan(cfg, parts=trainer_parts)
+        if memory_rows:  # the memory profile at another number of rows per micro-batch
+            per_step = plan.micro_batch * plan.accumulation
+            plan = PL.with_split(plan, memory_rows, per_step // memory_rows, True, True)
+        trainer = build_trainer(cfg, model, tok, ds, None, callbacks=cbs, plan=plan)
         model, args, extra = trainer.model, trainer.args, {"data_collator": None} if _padding_free(trainer) else {}
     else:  # an ablation: the same steps as build_trainer, with a subset of the profile's changes
-        args = sft_config(cfg, tok, resolve_compute_dtype(cfg))
-        model, args, extra = P.apply_profile(cfg, model, args, tok, profile, parts=parts)
+        plan = PL.make_plan(cfg, parts=parts)
+        args = sft_config(cfg, tok, resolve_compute_dtype(cfg), plan)
+        model, args, extra = P.apply_profile(model, args, plan, tok)
         for k, v in (args_over or {}).items():
             setattr(args, k, v)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=cbs, **extra)
@@ -425,7 +422,7 @@ def main() -> None:
     steps = 4 if tiny else 8
     warm = 1 if tiny else 3
     prof = None if tiny else 1
-    from falcon_qlora import profiles as P
+    from falcon_qlora import plan as P
     mem_mb8 = dict(profile="memory", per_device_train_batch_size=8, gradient_accumulation_steps=2,
                    parts=P.PROFILE_PARTS["memory"] + ("bf16_residual",))
     no_offload = tuple(x for x in P.PROFILE_PARTS["memory"] if x != "offload")

@@ -35,20 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- the batch plan ---------------------------------------------------------------------------------------------
 
 def test_effective_policy_divides_the_accumulation_among_processes():
-    plan = dist.batch_plan(load_config(), processes=2)  # reference: 4 x 4
-    assert (plan.per_device, plan.accumulation, plan.effective) == (4, 2, 16)
-    assert "world size 2" in plan.describe() and "effective batch 16" in plan.describe()
+    assert dist.split_batch(load_config(), processes=2) == (4, 2)  # reference: 4 x 4
 
 
 def test_effective_policy_lowers_the_per_device_batch_only_when_it_must():
-    assert (lambda p: (p.per_device, p.accumulation, p.effective))(dist.batch_plan(load_config(), 8)) == (2, 1, 16)
+    assert dist.split_batch(load_config(), 8) == (2, 1)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps.*batch_policy=per_device"):
-        dist.batch_plan(load_config(), processes=3)
+        dist.split_batch(load_config(), processes=3)
 
 
 def test_per_device_policy_grows_the_effective_batch():
-    plan = dist.batch_plan(load_config(batch_policy="per_device"), processes=4)
-    assert (plan.per_device, plan.accumulation, plan.effective) == (4, 4, 64)
+    from falcon_qlora.plan import make_plan
+    plan = make_plan(load_config(batch_policy="per_device", profile="reference"), processes=4)
+    assert (plan.micro_batch, plan.accumulation, plan.effective) == (4, 4, 64)
+    assert "batch_policy=per_device" in plan.describe()
 
 
 # --- the shipped accelerate configs -------------------------------------------------------------------------------

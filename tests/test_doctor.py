@@ -100,3 +100,12 @@ def test_memory_profile_reports_its_pinned_host_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(doctor.os, "sysconf", lambda name: pages[name])
     status, line = next((s, m) for s, m in doctor.check_memory_and_disk(cfg) if m.startswith("host memory"))
     assert status == doctor.WARN and "profile=reference" in line
+
+
+def test_doctor_shows_the_plan_a_run_would_take(tmp_path):
+    """The same RunPlan train would make here: profile, why, and the split per device."""
+    from falcon_qlora.plan import make_plan
+    cfg = load_config("reference", profile="memory", output_dir=str(tmp_path / "out"))
+    lines = [m for s, m in doctor.check_memory_and_disk(cfg) if m.startswith("plan: ")]
+    assert lines == [f"plan: {make_plan(cfg).describe()}"]
+    assert "profile memory (as configured); effective batch 16 rows = 8 per device x 2 accumulation" in lines[0]

@@ -12,7 +12,7 @@ from tiny import build_tokenizer, guanaco_rows, write_jsonl
 from falcon_qlora.config import load_config, make_config
 from falcon_qlora.estimate import estimate, quantized_bytes
 from falcon_qlora.measure import training_peak
-from falcon_qlora.profiles import PROFILE_PARTS
+from falcon_qlora.plan import PROFILE_PARTS
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +98,22 @@ def test_cli_models_the_assumed_gpu(capsys):
     from falcon_qlora.estimate import cli
     assert cli(["--config", "reference", "--gpu_memory", "80"]) == 0
     out = capsys.readouterr().out
-    assert "profile speed (auto, 80 GiB free assumed): micro-batch 16 x 1" in out
+    assert "profile speed (auto: 16 rows per micro-batch fit 80 GiB free without checkpointing): micro-batch 16 x 1" \
+        in out
     assert cli(["--config", "reference", "--gpu_memory", "80", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["profiles"]
     assert [r["profile"] for r in rows] == ["reference", "memory", "speed"]
     assert rows[1]["offload"] and rows[1]["host_bytes"] > 0 and rows[2]["micro_batch"] == 16
     with pytest.raises(UserError, match="--gpu_memory"):
         cli(["--config", "reference", "--gpu_memory", "lots"])
+
+
+def test_cli_takes_train_keys_and_hyphenated_options(capsys):
+    """Train's config keys are overrides (--max_length), the command's own options are spelled as in the other
+    commands (--gpu_memory, --gpu-memory): rows of 2048 tokens on an H200 run speed at 8 x 2."""
+    from falcon_qlora.estimate import cli
+    assert cli(["--gpu-memory", "139", "--max_length", "2048"]) == 0
+    assert "profile speed (auto: 8 rows per micro-batch fit 139 GiB free" in capsys.readouterr().out
 
 
 GiB = 2**30
@@ -125,20 +134,21 @@ def test_profiles_at_the_reference_recipe():
     assert speed["optim"] == "adamw_torch_fused" and ref["optimizer_paged"]  # paged states: not in the GPU peak
 
 
-def test_speed_split_is_profiles_plan():
-    from falcon_qlora.profiles import plan
+def test_estimate_costs_the_runs_plan():
+    """estimate decides nothing: its split, optimizer and profile are make_plan's."""
+    from falcon_qlora.plan import make_plan
     cfg = load_config("reference")
     for free in (16 * GiB, 40 * GiB, 80 * GiB):
-        e, p = estimate(cfg, profile="speed", free_bytes=free), plan(cfg, "speed", free)
-        assert (e["micro_batch"], e["accumulation"], e["checkpointing"]) == (p.micro_batch, p.accumulation,
-                                                                            p.checkpointing)
+        e, p = estimate(cfg, free_bytes=free), make_plan(cfg, free, device="cuda")
+        assert (e["profile"], e["micro_batch"], e["accumulation"], e["checkpointing"], e["optim"]) == \
+            (p.profile, p.micro_batch, p.accumulation, p.checkpointing, p.optim)
 
 
 def test_auto_resolves_like_training():
     """auto without a GPU and without an assumed one models the reference path; with one, speed or memory."""
-    from falcon_qlora.profiles import resolve_profile
+    from falcon_qlora.plan import make_plan
     cfg = load_config("reference")
-    assert estimate(cfg)["profile"] == resolve_profile(cfg)  # this machine: its GPU's free memory, or none
+    assert estimate(cfg)["profile"] == make_plan(cfg, device="cuda").profile  # this GPU's free memory, or none
     if not torch.cuda.is_available():
         assert estimate(cfg)["profile"] == "reference"
     assert estimate(cfg, device="cpu", free_bytes=80 * GiB)["profile"] == "reference"

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_overrides
 from falcon_qlora import profiles as P
 from falcon_qlora.config import load_config
+from falcon_qlora.plan import make_plan
 
 ALL = ("split", "padding_free", "attention", "norms", "lora")
 
@@ -76,7 +77,7 @@ def test_lora_grads_match_reference_fp32(tiny_falcon_7b_arch, tmp_path, parts):
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
     rows = _rows()
     ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
-    P.apply_profile(cfg, model, {}, profile="speed", parts=parts, free_bytes=10**12)
+    P.apply_profile(model, {}, make_plan(cfg, 10**12, profile="speed", parts=parts))
     got = _lora_grads(model, rows, padding_free="padding_free" in parts, micro_batch=4 if "split" in parts else 2,
                       dtype=torch.float32)
     assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_A" in k)
@@ -89,7 +90,7 @@ def test_lora_grads_match_reference_bf16(tiny_falcon_7b_arch, tmp_path):
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path, compute_dtype="bf16")
     rows = _rows()
     ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.bfloat16)
-    _, args, _ = P.apply_profile(cfg, model, {"bf16": True}, profile="speed", parts=ALL, free_bytes=10**12)
+    _, args, _ = P.apply_profile(model, {"bf16": True}, make_plan(cfg, 10**12, profile="speed", parts=ALL))
     assert args["per_device_train_batch_size"] == 4 and args["gradient_accumulation_steps"] == 1
     got = _lora_grads(model, rows, padding_free=True, micro_batch=4, dtype=torch.bfloat16)
     assert _rel_err(got, ref) < 0.02
@@ -98,32 +99,17 @@ def test_lora_grads_match_reference_bf16(tiny_falcon_7b_arch, tmp_path):
 def test_remove_profile_restores_stock_forwards(tiny_falcon_7b_arch, tmp_path):
     """The patches are per instance and undone by remove_profile (the benchmark reuses one base model)."""
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path, compute_dtype="bf16")
-    P.apply_profile(cfg, model, {"bf16": True}, profile="speed", parts=ALL, free_bytes=10**12)
+    P.apply_profile(model, {"bf16": True}, make_plan(cfg, 10**12, profile="speed", parts=ALL))
     patched = [m for m in model.modules() if "forward" in m.__dict__ or hasattr(m, "_fq_hook")]
     assert len(patched) == 2 + 8 + 3 + 1  # attention x2 layers, LoRA x8, norms x2 + ln_f, embedding hook
     P.remove_profile(model)
     assert not [m for m in model.modules() if "forward" in m.__dict__ or hasattr(m, "_fq_hook")]
 
 
-def test_plan_keeps_effective_batch_and_picks_by_memory():
-    """speed: the whole effective batch in one micro-batch without checkpointing when memory allows, smaller
-    micro-batches when it does not; memory: checkpointing with offloaded layer inputs at MEMORY_ROWS rows per
-    micro-batch (the reference split without offloading); effective batch unchanged."""
-    cfg = load_config(None)  # reference recipe: 4 x 4, 512 tokens
-    assert P.plan(cfg, "speed", free_bytes=140 * P.GiB) == P.Plan("speed", 16, 1, False)
-    small = P.plan(cfg, "speed", free_bytes=40 * P.GiB)
-    assert small.micro_batch * small.accumulation == 16 and small.micro_batch < 16 and not small.checkpointing
-    assert P.plan(cfg, "memory") == P.Plan("memory", 8, 2, True, offload=True)
-    assert P.plan(cfg, "memory", offload=False) == P.Plan("memory", 4, 4, True)
-    assert P.plan(load_config(None, gradient_accumulation_steps=3), "memory").micro_batch == 6  # a divisor of 12
-    assert P.resolve_profile(load_config(None, profile="auto"), free_bytes=140 * P.GiB) in ("speed", "reference")
-    assert P.resolve_profile(load_config(None, profile="memory")) == "memory"
-
-
 def test_reference_profile_changes_nothing(tiny_falcon_7b_arch, tmp_path):
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
     args = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "gradient_checkpointing": True}
-    _, out, extra = P.apply_profile(cfg, model, args, profile="reference")
+    _, out, extra = P.apply_profile(model, args, make_plan(cfg, profile="reference"))
     assert out == args and extra == {}
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
@@ -154,7 +140,7 @@ def test_profile_split_sets_both_checkpointing_names(tiny_falcon_7b_arch, tmp_pa
     cfg = load_config(None, **{**cfg.__dict__, "gradient_checkpointing": True})
     args = sft_config(cfg, load_tokenizer(cfg.model_name_or_path, cfg), torch.float32)
     assert args.gradient_checkpointing
-    _, args, _ = P.apply_profile(cfg, model, args, profile="speed", parts=("split",), free_bytes=10**12)
+    _, args, _ = P.apply_profile(model, args, make_plan(cfg, 10**12, profile="speed", parts=("split",)))
     assert args.gradient_checkpointing is False
     assert getattr(args, "activation_checkpointing", False) is False
 

@@ -5,14 +5,13 @@
     torchrun --nproc_per_node 2 -m falcon_qlora.cli train ...
 
 accelerate and torch.distributed do the work; this module only reads their environment (WORLD_SIZE, RANK,
-LOCAL_RANK, ACCELERATE_USE_FSDP), plans the batch, and keeps file writes on the main process.
+LOCAL_RANK, ACCELERATE_USE_FSDP), splits the batch among processes, and keeps file writes on the main process.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
@@ -36,7 +35,8 @@ def is_main() -> bool:
 
 
 def fsdp_enabled() -> bool:
-    """accelerate launch sets ACCELERATE_USE_FSDP from an FSDP config file (fsdp_qlora.yaml)."""
+    """accelerate launch sets ACCELERATE_USE_FSDP from an FSDP config file (fsdp_qlora.yaml). The one reader of it:
+    the plan (profiles), the 4-bit storage dtype (model) and the fp16 check below ask here."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
@@ -64,33 +64,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """Rows per optimizer step = per_device x accumulation x processes."""
-    policy: str
-    processes: int
-    per_device: int
-    accumulation: int
-
-    @property
-    def effective(self) -> int:
-        return self.per_device * self.accumulation * self.processes
-
-    def describe(self) -> str:
-        held = ("the effective batch is held fixed (accumulation divided among processes)"
-                if self.policy == "effective" else "per-device batch and accumulation are held fixed "
-                "(the effective batch grows with processes)")
-        return (f"{self.processes} process{'es' if self.processes > 1 else ''} (world size {self.processes}); "
-                f"effective batch {self.effective} rows = {self.per_device} per device x {self.accumulation} "
-                f"accumulation x {self.processes} processes; batch_policy={self.policy}: {held}")
-
-    def as_metrics(self) -> dict:
-        return {"world_size": self.processes, "effective_batch": self.effective,
-                "per_device_batch": self.per_device, "gradient_accumulation": self.accumulation}
-
-
-def batch_plan(cfg: RunConfig, processes: int | None = None) -> BatchPlan:
-    """What each process runs so that batch_policy holds.
+def split_batch(cfg: RunConfig, processes: int | None = None) -> tuple[int, int]:
+    """(per-device batch, accumulation) that each process runs so that batch_policy holds (plan.make_plan then
+    splits those rows into micro-batches as the profile wants).
 
     effective: per_device_train_batch_size x gradient_accumulation_steps, as written for one process, stays the rows
     per optimizer step; the accumulation is divided among processes, and only if it does not divide, the per-device
@@ -100,9 +76,9 @@ def batch_plan(cfg: RunConfig, processes: int | None = None) -> BatchPlan:
     n = processes or world_size()
     bs, acc = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     if cfg.batch_policy == "per_device" or n == 1:
-        return BatchPlan(cfg.batch_policy, n, bs, acc)
+        return bs, acc
     if acc % n == 0:
-        return BatchPlan("effective", n, bs, acc // n)
+        return bs, acc // n
     target = bs * acc
     if target % n:
         raise ConfigError(f"batch_policy=effective: the effective batch {target} (per_device_train_batch_size {bs} x "
@@ -110,13 +86,13 @@ def batch_plan(cfg: RunConfig, processes: int | None = None) -> BatchPlan:
                           f"gradient_accumulation_steps that does, or set batch_policy=per_device")
     rows = target // n  # rows each process contributes per step
     per_device = max(d for d in range(1, bs + 1) if rows % d == 0)
-    return BatchPlan("effective", n, per_device, rows // per_device)
+    return per_device, rows // per_device
 
 
-def trainer_kwargs(plan: BatchPlan) -> dict:
-    """SFTConfig arguments that several processes need."""
+def trainer_kwargs(plan) -> dict:
+    """SFTConfig arguments of a RunPlan's split, and what several processes need."""
     import torch
-    kw = dict(per_device_train_batch_size=plan.per_device, gradient_accumulation_steps=plan.accumulation)
+    kw = dict(per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.accumulation)
     if plan.processes > 1:
         # Every LoRA weight is used in every forward: DDP need not search for unused ones (it also breaks
         # with reentrant gradient checkpointing when it does).

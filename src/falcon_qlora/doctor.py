@@ -155,11 +155,13 @@ def check_bnb_matmul() -> list[tuple[str, str]]:
 def check_memory_and_disk(cfg: RunConfig) -> list[tuple[str, str]]:
     import torch
     from .estimate import estimate
+    from .plan import make_plan
     try:
-        est = estimate(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        plan = make_plan(cfg)  # what `train` would run here
+        est = estimate(cfg, plan=plan)
     except UserError as err:
         return [(WARN, f"no memory/disk estimate: {err}")]
-    out, gib = [], 2 ** 30
+    out, gib = [(INFO, f"plan: {plan.describe()}")], 2 ** 30
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(0)
         need = est["peak_bytes"]
@@ -226,7 +228,7 @@ def check_hub(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def _model_type(cfg: RunConfig) -> str | None:
-    from .estimate import model_config
+    from .memory import model_config
     try:
         return model_config(cfg.model_name_or_path).model_type
     except (UserError, OSError, ValueError):

@@ -16,6 +16,7 @@ def training_peak(cfg: RunConfig, train_dataset=None) -> int:
     from transformers import TrainerCallback
     from . import data as D
     from .model import attach_lora, load_base_model, load_tokenizer
+    from .plan import make_plan
     from .train import build_trainer
     cfg = RunConfig(**{**cfg.__dict__, "save_steps": cfg.max_steps + 1, "eval_steps": None})
     cuda = torch.cuda.is_available()
@@ -33,8 +34,9 @@ def training_peak(cfg: RunConfig, train_dataset=None) -> int:
     def run():
         train_ds, _ = D.load_dataset_splits(cfg, train_dataset, None)
         tok = load_tokenizer(cfg.model_name_or_path, cfg)
+        plan = make_plan(cfg)  # as train makes it: before the model takes its share of the free memory
         model = attach_lora(load_base_model(cfg), cfg)
-        build_trainer(cfg, model, tok, train_ds, None, callbacks=[Mark()]).train()
+        build_trainer(cfg, model, tok, train_ds, None, callbacks=[Mark()], plan=plan).train()
 
     if cuda:
         run()

@@ -115,7 +115,8 @@ def bnb_config(cfg: RunConfig, dtype):
 def _quant_storage(dtype):
     """Under FSDP the packed 4-bit weights must share the compute dtype so they can be sharded with the rest."""
     import torch
-    return dtype if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else torch.uint8
+    from .distributed import fsdp_enabled
+    return dtype if fsdp_enabled() else torch.uint8
 
 
 def device_map():

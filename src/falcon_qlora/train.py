@@ -140,8 +140,9 @@ def _unreachable(url: str, seconds: float) -> str | None:
     return result[0] if result else f"did not answer within {seconds:g} s"
 
 
-def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
-    """Our config -> TRL's SFTConfig (one place that knows the mapping)."""
+def sft_config(cfg: RunConfig, tokenizer, compute_dtype, plan=None):
+    """Our config and its RunPlan (default plan.make_plan(cfg)) -> TRL's SFTConfig (one place that knows the
+    mapping)."""
     import torch
     from trl import SFTConfig
     if cfg.report_to != "none":
@@ -152,7 +153,8 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     if cfg.report_to == "wandb":
         wandb_env(cfg)
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
-    placement = dist.trainer_kwargs(dist.batch_plan(cfg))
+    from .plan import make_plan
+    placement = dist.trainer_kwargs(plan or make_plan(cfg))
     if compute_dtype == torch.bfloat16 and not torch.cuda.is_available():
         placement["use_cpu"] = True  # bf16 on a CPU that has it (transformers refuses bf16 without a GPU otherwise)
     return SFTConfig(
@@ -171,7 +173,8 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype):
     )
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks=()):
+def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks=(), plan=None):
+    """SFTTrainer for the run, computed as `plan` says (default plan.make_plan(cfg))."""
     import torch
     from trl import SFTTrainer
     from .model import resolve_compute_dtype
@@ -179,10 +182,12 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
     from .profiles import apply_profile
     from .throughput import Meter
     from .data import for_trainer
-    args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg))
+    from .plan import make_plan
+    plan = plan or make_plan(cfg)
+    args = sft_config(cfg, tokenizer, resolve_compute_dtype(cfg), plan)
     train_ds, eval_ds = for_trainer(train_ds, tokenizer, cfg), for_trainer(eval_ds, tokenizer, cfg)
     # speed/memory profile: micro-batch split, checkpointing, padding-free rows, fused paths (profiles.py)
-    model, args, profile_kwargs = apply_profile(cfg, model, args, tokenizer)
+    model, args, profile_kwargs = apply_profile(model, args, plan, tokenizer)
     # SFTTrainer + atomic checkpoints, a stop on NaN/inf, no tokens in training_args.bin (safety.py)
     trainer = safe_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                              processing_class=tokenizer, callbacks=list(callbacks),
@@ -192,7 +197,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    trainer.run_config = cfg
+    trainer.run_config, trainer.plan = cfg, plan
     trainer.meter = Meter(trainer, cfg.lora_r, cfg.max_length)  # tokens/s, peak GPU memory, MFU in every loss log
     return trainer
 
@@ -255,12 +260,13 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     if dist.is_main():
         D.summarize(train_ds, tok, cfg, "train")
     set_seed(cfg.seed)  # LoRA init is part of the run's randomness
+    from .plan import make_plan
+    plan = make_plan(cfg)  # before the model loads: the free GPU memory it plans with still includes the weights
     if model is None:
         model = load_base_model(cfg)
     if not hasattr(model, "peft_config"):
         model = attach_lora(model, cfg)
     check_trainable_layout(model, "training")  # a model passed in may have been repacked by an earlier eval
-    plan = dist.batch_plan(cfg)
     if dist.is_main():
         save_fingerprint(cfg.model_name_or_path, out)  # chat/eval/merge check the base against it
         four_bit = f"{count_linear4bit(model)} bnb Linear4bit layers; " if cfg.load_in_4bit else ""
@@ -268,7 +274,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
               "tokens per step")
     check_disk(cfg, model)  # the checkpoints kept under save_total_limit must fit on the disk
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, print how to resume
-    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[stop.callback])
+    trainer = build_trainer(cfg, model, tok, train_ds, eval_ds, callbacks=[stop.callback], plan=plan)
     trainer.meter.started = started
     dist.record_rows(trainer)
     resume = None
@@ -288,7 +294,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
     final = inside(out, "final")
     history = trainer.state.log_history
     with stop.finishing(final, show=dist.is_main()):  # a SIGTERM now lets these few seconds of writing finish
-        save_final(trainer, tok, cfg, out, final, history)
+        save_final(trainer, tok, cfg, out, final, [{"plan": plan.as_metrics()}, *history])  # what ran, first
     dist.barrier()  # no process returns before the final folder is complete
     if cfg.push_to_hub and dist.is_main():
         from .publish import publish as push  # not checkpoints.publish, which moved final/ into place above

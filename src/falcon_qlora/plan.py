@@ -1,0 +1,189 @@
+"""How a run is computed: one RunPlan, made in one place from the config, the model's shape and the free GPU memory.
+
+    plan = make_plan(cfg)                                            # this machine: its GPU's free memory, or a CPU
+    plan = make_plan(cfg, free_bytes=80 * 2**30, device="cuda")      # an assumed GPU (estimate --gpu_memory 80)
+    print(plan.describe())
+
+train applies the plan (profiles.apply_profile) and records it, estimate costs it (memory.peak), doctor prints it.
+The plan never changes what is learned: the rows per optimizer step are batch_policy's (distributed.split_batch),
+only how they are split into micro-batches and which code paths compute them change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .config import RunConfig
+from .errors import UserError
+
+GiB = 2 ** 30
+PROFILES = ("reference", "speed", "memory")
+# The changes a profile makes (profiles.apply_profile applies each one; the benchmark picks subsets):
+#   split: the micro-batch split and checkpointing below; padding_free: rows laid end to end; attention: Falcon
+#   attention through SDPA per row; norms: layer-norm outputs in the compute dtype; lora: each LoRA layer as one GEMM;
+#   optim: fused torch AdamW for paged bnb AdamW; head_chunks: narrower tiles in TRL's fused LM head; offload:
+#   checkpointed layer inputs in pinned host memory; bf16_residual (benchmark only): the residual stream in bf16 too.
+PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim")
+PROFILE_PARTS = {"reference": (), "speed": PARTS,
+                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload")}
+MEMORY_ROWS = 8      # rows per micro-batch of the memory profile (with offloading; measured in bench/RESULTS.md)
+HEAD_CHUNK = 8192    # vocabulary columns per tile of TRL's fused LM head in the memory profile (TRL: 32768)
+AUTO_MIN_ROWS = 4    # auto takes speed when at least this many rows per micro-batch fit without checkpointing
+# The speed split must fit with this much to spare. The memory model is within 1% of the H200's measured peaks for
+# the speed profile (47.52 vs 47.66 GiB at 16 x 512 tokens, 89.9 vs 90.2 GiB at 8 x 2048) and tests hold it within
+# 15% of measured peaks; the allocator reserves more than it hands out (48.82 GiB reserved at 47.66 allocated) and the
+# free memory read at the start moves. 15% covers the model's tested error bound, and with it those.
+MARGIN = 1.15
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run computes, per process: rows per optimizer step = micro_batch x accumulation x processes."""
+    profile: str
+    reason: str            # why this profile: "as configured", or what auto saw
+    micro_batch: int       # rows per micro-batch on each device
+    accumulation: int
+    checkpointing: bool
+    offload: bool          # checkpointed layer inputs in pinned host memory
+    optim: str
+    norms: bool            # layer-norm outputs in the compute dtype (bf16/fp16 runs of the profiles)
+    head_chunk: int | None  # vocabulary columns per LM-head tile (None: TRL's)
+    padding_free: bool     # rows laid end to end by the collator (packing does it otherwise)
+    parts: tuple = ()      # the profile's changes (PROFILE_PARTS)
+    processes: int = 1
+    policy: str = "effective"  # batch_policy
+    device: str = "cuda"
+    free_bytes: int | None = None  # the GPU memory the split was planned for
+
+    @property
+    def effective(self) -> int:
+        return self.micro_batch * self.accumulation * self.processes
+
+    def describe(self) -> str:
+        n = self.processes
+        text = (f"profile {self.profile} ({self.reason}); effective batch {self.effective} rows = {self.micro_batch} "
+                f"per device x {self.accumulation} accumulation x {n} process{'es' if n > 1 else ''}"
+                f"{f' (world size {n})' if n > 1 else ''}; checkpointing {'on' if self.checkpointing else 'off'}"
+                f"{' (layer inputs in host memory)' if self.offload else ''}; optimizer {self.optim}")
+        if n > 1:
+            text += ("; batch_policy=effective: the effective batch is held fixed (accumulation divided among "
+                     "processes)" if self.policy == "effective" else "; batch_policy=per_device: per-device batch "
+                     "and accumulation are held fixed (the effective batch grows with processes)")
+        changes = [p for p in self.parts if p not in ("split", "optim")]
+        return text + (f"; {', '.join(changes)}" if changes else "")
+
+    def as_metrics(self) -> dict:
+        """What ran, for the run's metrics: the split each device really computed, not the config's."""
+        return {"world_size": self.processes, "effective_batch": self.effective, "per_device_batch": self.micro_batch,
+                "gradient_accumulation": self.accumulation, "profile": self.profile,
+                "gradient_checkpointing": self.checkpointing, "offload": self.offload, "optim": self.optim}
+
+
+def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | None = None, device: str | None = None,
+              profile: str | None = None, parts=None) -> RunPlan:
+    """The one place that decides how a run is computed.
+
+    Args:
+        free_bytes: free GPU memory to plan with (default: this GPU's; none on a CPU). Given with device="cuda" on a
+            machine without a GPU, it stands for an assumed one (what `estimate --gpu_memory` plans with).
+        processes: default the launch's WORLD_SIZE.
+        device: "cuda" or "cpu" (default: this machine's).
+        profile: default cfg.profile; auto resolves here.
+        parts: the benchmark's subsets of a profile's changes (default PROFILE_PARTS[profile]).
+    Raises:
+        UserError: speed/memory under FSDP; an unknown profile. ConfigError (distributed.split_batch): an effective
+            batch that does not divide among the processes.
+    """
+    from .distributed import split_batch, world_size
+    n = processes or world_size()
+    per_device, accumulation = split_batch(cfg, n)
+    rows = per_device * accumulation  # rows each process computes per optimizer step
+    cuda_here = _cuda()
+    device = device or ("cuda" if cuda_here else "cpu")
+    if free_bytes is None and device == "cuda" and cuda_here:
+        import torch
+        free_bytes = torch.cuda.mem_get_info()[0]
+    profile, reason, speed_rows = _choose_profile(cfg, profile or cfg.profile, rows, free_bytes, device)
+    parts = tuple(PROFILE_PARTS[profile] if parts is None else parts)
+    split = (per_device, accumulation, cfg.gradient_checkpointing, False)
+    if profile == "speed" and "split" in parts:
+        if speed_rows is None:
+            speed_rows = speed_micro_batch(cfg, rows, free_bytes, parts) if free_bytes else 0
+        if speed_rows:
+            split = (speed_rows, rows // speed_rows, False, False)
+        elif free_bytes:
+            reason += f"; no micro-batch fits {free_bytes / GiB:.0f} GiB free without checkpointing: the config's split"
+    elif profile == "memory" and "split" in parts:
+        if "offload" in parts:
+            mb = next(m for m in _divisors(rows) if m <= MEMORY_ROWS)
+            split = (mb, rows // mb, True, True)
+        else:
+            split = (per_device, accumulation, True, False)
+    elif profile != "reference":
+        split = (per_device, accumulation, cfg.gradient_checkpointing, "offload" in parts)
+    return _plan(cfg, profile, reason, *split, parts, device, n, free_bytes)
+
+
+def _plan(cfg: RunConfig, profile: str, reason: str, micro_batch: int, accumulation: int, checkpointing: bool,
+          offload: bool, parts: tuple, device: str, processes: int = 1, free_bytes: int | None = None) -> RunPlan:
+    from .memory import compute_bytes
+    fused_adam = "optim" in parts and device == "cuda" and cfg.optim == "paged_adamw_32bit"
+    return RunPlan(profile, reason, micro_batch, accumulation, checkpointing, offload and checkpointing,
+                   optim="adamw_torch_fused" if fused_adam else cfg.optim,
+                   norms="norms" in parts and compute_bytes(cfg, device == "cuda") < 4,
+                   head_chunk=HEAD_CHUNK if "head_chunks" in parts else None,
+                   padding_free="padding_free" in parts and not cfg.packing, parts=parts, processes=processes,
+                   policy=cfg.batch_policy, device=device, free_bytes=free_bytes)
+
+
+def _choose_profile(cfg: RunConfig, wanted: str, rows: int, free_bytes: int | None,
+                    device: str) -> tuple[str, str, int | None]:
+    """(profile, why, speed micro-batch when auto had to cost it). auto -> speed where the GPU holds at least
+    AUTO_MIN_ROWS rows per micro-batch (or the whole batch, if smaller) without checkpointing, else memory; reference
+    on a CPU (the profiles' kernels only pay on a GPU) and under FSDP."""
+    from .distributed import fsdp_enabled
+    if wanted != "auto" and wanted not in PROFILES:
+        raise UserError(f"profile={wanted} is not one of auto, {', '.join(PROFILES)}")
+    if fsdp_enabled() and wanted in ("speed", "memory"):
+        # the profiles patch LoRA and attention forwards in ways FSDP's flat parameters do not allow (measured:
+        # "Output 0 of ViewBackward0 is a view ... modified inplace")
+        raise UserError(f"profile={wanted} is not supported under FSDP: use profile=reference or auto")
+    if wanted != "auto":
+        return wanted, "as configured", None
+    if fsdp_enabled():
+        return "reference", "auto under FSDP", None
+    if device != "cuda":
+        return "reference", "auto on a CPU", None
+    if free_bytes is None:
+        return "reference", "auto with no GPU known (--gpu_memory to assume one)", None
+    mb = speed_micro_batch(cfg, rows, free_bytes, PROFILE_PARTS["speed"])
+    need, free = min(AUTO_MIN_ROWS, rows), f"{free_bytes / GiB:.0f} GiB free"
+    if mb >= need:
+        return "speed", f"auto: {mb} rows per micro-batch fit {free} without checkpointing", mb
+    return "memory", f"auto: {mb} rows per micro-batch fit {free} without checkpointing, {need} wanted", None
+
+
+def speed_micro_batch(cfg: RunConfig, rows: int, free_bytes: int, parts=PARTS) -> int:
+    """The largest divisor of `rows` whose speed-profile peak (memory.peak of exactly that split, no checkpointing)
+    times MARGIN fits in free_bytes; 0 if none does."""
+    from .memory import peak
+    for mb in _divisors(rows):
+        candidate = _plan(cfg, "speed", "", mb, rows // mb, False, False, tuple(parts), "cuda")
+        if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
+            return mb
+    return 0
+
+
+def with_split(plan: RunPlan, micro_batch: int, accumulation: int, checkpointing: bool, offload: bool) -> RunPlan:
+    """The same plan computed at another split (the benchmark's variants)."""
+    return replace(plan, micro_batch=micro_batch, accumulation=accumulation, checkpointing=checkpointing,
+                   offload=offload and checkpointing)
+
+
+def _divisors(n: int) -> list[int]:
+    """Micro-batch sizes that split n rows evenly, largest first."""
+    return [m for m in range(n, 0, -1) if n % m == 0]
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
