@@ -243,7 +243,8 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
         plan = PL.make_plan(cfg, parts=trainer_parts)
         if memory_rows:  # the memory profile at another number of rows per micro-batch
             per_step = plan.micro_batch * plan.accumulation
-            plan = PL.with_split(plan, memory_rows, per_step // memory_rows, True, True)
+            mb = next(m for m in PL._divisors(per_step) if m <= memory_rows)
+            plan = PL.with_split(plan, mb, per_step // mb, True, True)
         trainer = build_trainer(cfg, model, tok, ds, None, callbacks=cbs, plan=plan)
         model, args, extra = trainer.model, trainer.args, {"data_collator": None} if _padding_free(trainer) else {}
     else:  # an ablation: the same steps as build_trainer, with a subset of the profile's changes
