@@ -116,7 +116,8 @@ def test_fingerprint_tells_same_shaped_bases_apart(tiny_adapter, tiny_falcon_7b_
     """What train recorded equals what is computed at load time; a copy matches, another seed does not."""
     import json
     import shutil
-    from falcon_qlora.model import FINGERPRINT_FILE, base_fingerprint
+    from falcon_qlora.model import base_fingerprint
+    from falcon_qlora.rundir import FINGERPRINT as FINGERPRINT_FILE
     recorded = json.loads((tiny_adapter / FINGERPRINT_FILE).read_text())
     assert recorded == {"base": str(tiny_falcon_7b_arch), "fingerprint": base_fingerprint(str(tiny_falcon_7b_arch))}
     assert base_fingerprint(str(shutil.copytree(tiny_falcon_7b_arch, tmp_path / "copy"))) == recorded["fingerprint"]

@@ -136,6 +136,7 @@ def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = F
     """(model, tokenizer) for chatting: base + adapter, or the base alone when no adapter is given."""
     from .config import load_config
     from .model import load_adapter_model, load_base_model, load_tokenizer
+    from .rundir import load_run_config
     if adapter is None:
         if base is None:
             raise UserError("give --adapter DIR (a folder written by `falcon-qlora train`) or --base MODEL")
@@ -143,9 +144,7 @@ def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = F
         model = load_base_model(cfg, load_in_4bit=not bf16)
         tok = load_tokenizer(base, cfg)
     else:
-        from pathlib import Path
-        saved = Path(adapter) / "run_config.yaml"
-        cfg = load_config(saved if saved.is_file() else None, **({"compute_dtype": "bf16"} if bf16 else {}))
+        cfg = load_run_config(adapter, **({"compute_dtype": "bf16"} if bf16 else {}))
         model, tok, _ = load_adapter_model(adapter, base=base, load_in_4bit=not bf16, cfg=cfg)
     model.eval()
     model.config.use_cache = True

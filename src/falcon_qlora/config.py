@@ -310,12 +310,13 @@ def library_versions() -> dict:
 
 def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
     """Write the resolved config (reloadable with --config) and the library versions into the run dir."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "run_config.yaml"
+    from .rundir import RunDir
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    path = run.run_config
     header = "# Resolved falcon-qlora config. Rerun with: falcon-qlora train --config " + str(path) + "\n"
     path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n", encoding="utf-8")
+    run.versions.write_text(json.dumps(library_versions(), indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -9,11 +9,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-# Names falcon-qlora and its loggers write directly in output_dir (checkpoint-N and hub-* folders are checked by
-# prefix; the hidden .staging-* and .trash-* names are always recreated, see checkpoints.fresh_dir).
-OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "loss.png", "README.md",
-                "base_fingerprint.json", "runs", "wandb")
-
 
 class NonFiniteError(UserError):
     """A NaN or inf loss or gradient norm: training stops at that step, before any checkpoint holds its result."""
@@ -138,11 +133,11 @@ def inside(root: Path, *parts: str) -> Path:
 
 
 def check_output_paths(out: Path) -> None:
-    """Everything falcon-qlora will write under output_dir must stay there (e.g. no `final` symlink elsewhere)."""
-    for name in OUTPUT_NAMES:
+    """Everything falcon-qlora will write under output_dir must stay there (e.g. no `final` symlink elsewhere). The
+    hidden staging and trash names are not checked: they are always removed and recreated (checkpoints.fresh_dir)."""
+    from .rundir import RunDir
+    for name in RunDir(out).written_names():
         inside(out, name)
-    for p in [*Path(out).glob("checkpoint-*"), *Path(out).glob("hub-*")]:
-        inside(out, p.name)
 
 
 def quiet_bitsandbytes() -> None:
