@@ -61,6 +61,18 @@ def test_stops_at_next_human_turn_and_cuts_it(chat_model):
     assert lengths[0] < len(script)  # generation really stopped, not just the text cut
 
 
+def test_answers_say_which_ended_at_eos(chat_model):
+    """The demo scores answers by whether the model ended them: EOS written, or the token limit reached."""
+    model, tok = chat_model
+    prompt = build_prompt([], "what is two plus two?")
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    allowed, script = _forced(tok, n, " two plus two is four.")
+    [done] = chat.answers(model, tok, [prompt], max_new_tokens=len(script) + 1, prefix_allowed_tokens_fn=allowed)
+    [cut] = chat.answers(model, tok, [prompt], max_new_tokens=len(script) - 1, prefix_allowed_tokens_fn=allowed)
+    assert (done.text, done.ended_at_eos) == ("two plus two is four.", True)
+    assert not cut.ended_at_eos and "two plus two is four.".startswith(cut.text)
+
+
 def test_a_word_level_tokenizer_stops_at_the_next_human_turn(tmp_path):
     """transformers' stop_strings raises on word-level tokenizers; chat's own stop criterion decodes instead."""
     from tiny import build_word_falcon
