@@ -65,7 +65,7 @@ def _fake_trainer(fp16=False, scale=None, out="/nowhere"):
 
 
 def test_fp16_overflow_message_names_the_fix():
-    from falcon_qlora.guards import NonFiniteError, check_finite
+    from falcon_qlora.safety import NonFiniteError, check_finite
     with pytest.raises(NonFiniteError) as err:
         check_finite("loss", torch.tensor(float("inf")), _fake_trainer(fp16=True))
     msg = str(err.value)
@@ -76,7 +76,7 @@ def test_fp16_overflow_message_names_the_fix():
 def test_fp16_grad_scaler_overflow_is_tolerated_until_the_scale_collapses():
     """The fp16 grad scaler skips steps with inf gradients on purpose while it lowers its scale; only an overflow
     at a scale below 1 is a real divergence."""
-    from falcon_qlora.guards import NonFiniteError, check_finite
+    from falcon_qlora.safety import NonFiniteError, check_finite
     check_finite("grad_norm", math.inf, _fake_trainer(fp16=True, scale=65536.0))  # no error
     check_finite("grad_norm", 0.7, _fake_trainer(fp16=True, scale=0.5))
     with pytest.raises(NonFiniteError, match="grad_norm is inf"):
@@ -132,7 +132,7 @@ def test_rows_with_no_answer_within_max_length_are_counted_and_dropped(tiny_falc
 
 
 def _watch_steps(losses, factor=2.0):
-    from falcon_qlora.guards import DivergenceWatch
+    from falcon_qlora.safety import DivergenceWatch
     watch, trainer = DivergenceWatch(factor), _fake_trainer()
     for step, loss in enumerate(losses, start=1):
         watch.add(step, loss, trainer, None)
@@ -140,7 +140,7 @@ def _watch_steps(losses, factor=2.0):
 
 
 def test_divergence_needs_five_steps_in_a_row_above_twice_the_first_loss():
-    from falcon_qlora.guards import DivergenceError
+    from falcon_qlora.safety import DivergenceError
     _watch_steps([3.4, 7.0, 7.5, 7.9, 8.0, 2.0, 9.0, 9.0])         # a spike that recovers: trains on
     _watch_steps([12.0, 11.99, 11.9, 11.8, 11.7])                   # the benchmark runs: flat or falling
     with pytest.raises(DivergenceError, match=r"training stopped at step 7: .*above 2x its first value"):

@@ -1,4 +1,5 @@
-"""Checkpoints that survive a kill, and Ctrl-C / SIGTERM that save before stopping.
+"""Checkpoints that survive a kill, and Ctrl-C / SIGTERM that save before stopping: acts while training runs and at
+its end (the run dir's names are rundir.py's; the per-step checks are safety.py's).
 
 A checkpoint is written into a hidden staging folder and renamed into place (a rename is atomic on one filesystem),
 so `checkpoint-N` is either complete or absent; a run killed at any moment resumes from the newest complete one:
