@@ -3,15 +3,8 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 from falcon_qlora import chat
 from falcon_qlora.chat import HUMAN, build_prompt, generate, load_chat_model
-
-
-@pytest.fixture(scope="module")
-def chat_model(tiny_adapter):
-    return load_chat_model(str(tiny_adapter))
 
 
 def _forced(tok, prompt_len: int, text: str):

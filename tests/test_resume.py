@@ -23,20 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import train_argv
 
 SEED = int(os.environ.get("FQ_KILL_SEED", "0"))  # the random kill steps/delay; set it to explore others
 MAX_STEPS, SAVE_STEPS, LIMIT = 20, 4, 2
 
 
 def _argv(model, data, out, **kw) -> list[str]:
-    o = tiny_overrides(model, data, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_total_limit=LIMIT,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1,
-                       **kw)
-    argv = ["train"]
-    for k, v in o.items():
-        argv += [f"--{k}", str(v)]
-    return argv
+    return train_argv(model, data, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_total_limit=LIMIT,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, **kw)
 
 
 def _install_hook(hook: list) -> None:
@@ -225,11 +220,8 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(chain, sig):
 
 # ---------------------------------------------------------------------------------- damaged checkpoints
 def _small_argv(model, data, out, **kw) -> list[str]:
-    argv = ["train"]
-    kw = {"max_steps": 4, "save_steps": 2, "save_total_limit": None, "eval_split": None, **kw}
-    for k, v in tiny_overrides(model, data, out, **kw).items():
-        argv += [f"--{k}", str(v)]
-    return argv
+    return train_argv(model, data, out, **{"max_steps": 4, "save_steps": 2, "save_total_limit": None,
+                                           "eval_split": None, **kw})
 
 
 @pytest.fixture(scope="module")
