@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from falcon_qlora import demo_data
 from falcon_qlora.config import load_config
 
@@ -47,6 +49,7 @@ def test_every_row_fits_max_length_with_its_eos(smollm2):
         assert longest <= cfg.max_length, (split, longest)
 
 
+@pytest.mark.slow
 def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
     """SmolLM2 in 4-bit + LoRA, a shortened demo schedule: held-out loss drops and answers end at EOS."""
     from falcon_qlora.demo import run_demo

@@ -170,6 +170,7 @@ def chain(tiny_falcon_7b_arch, tiny_data, tmp_path_factory):
     return {"ref": ref, "out": out, "hooks": hooks, "results": results}
 
 
+@pytest.mark.slow
 def test_interrupted_nine_times_ends_with_the_same_adapter(chain):
     ref, *interrupted = chain["results"]
     assert ref["exit"] == 0, ref["log"]
@@ -185,6 +186,7 @@ def test_interrupted_nine_times_ends_with_the_same_adapter(chain):
     assert max((a[k] - earlier[k]).abs().max().item() for k in a) > 1e-3  # a few steps more or less would show
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_resumed_from(chain):
     r = dict(zip(map(lambda h: tuple(h) if h else None, chain["hooks"]), chain["results"][1:]))
     half = r[("half-write", "optimizer.pt")]
@@ -202,6 +204,7 @@ def test_half_written_checkpoint_is_never_resumed_from(chain):
     assert "resuming from" in logs[i + 2] and "checkpoint-4" in logs[i + 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
 def test_signal_saves_a_checkpoint_and_prints_the_resume_command(chain, sig):
     hook = next(h for h in chain["hooks"] if h and h[0] == sig)
