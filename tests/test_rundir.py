@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from falcon_qlora.config import ConfigError, load_config, save_run_config
-from falcon_qlora.rundir import RunDir, load_run_config, run_of, staging_of, step_of
+from falcon_qlora.config import ConfigError, load_config
+from falcon_qlora.rundir import RunDir, load_run_config, run_of, save_run_config, staging_of, step_of
 
 
 def test_every_path_of_a_run(tmp_path):

@@ -124,9 +124,8 @@ def _relative_error(got, reference) -> float:
 
 
 def _write(merged, tok, cfg, adapter: Path, out: Path, dtype: str, err: float) -> None:
-    from .config import save_run_config
     from .publish import known_metrics, model_card
-    from .rundir import RunDir
+    from .rundir import RunDir, save_run_config
     out.mkdir(parents=True, exist_ok=True)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(merged.config, attr):

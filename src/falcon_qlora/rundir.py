@@ -16,6 +16,7 @@ merge, export and publish need only that folder; `falcon-qlora eval` writes eval
 
     from falcon_qlora.rundir import RunDir, load_run_config
     RunDir("results").final                      # -> results/final
+    save_run_config(cfg, "results")              # run_config.yaml and versions.json, before the model loads
     load_run_config("results/final")             # the config that trained this adapter
 """
 from __future__ import annotations
@@ -93,6 +94,19 @@ def copy_run_files(run_dir: Path, folder: Path) -> None:
     for name in RUN_FILES:
         if (Path(run_dir) / name).is_file():
             shutil.copy2(Path(run_dir) / name, Path(folder) / name)
+
+
+def save_run_config(cfg, run_dir: str | Path) -> Path:
+    """Write the resolved config (reloadable with --config) and the library versions into the run dir."""
+    import json
+    import yaml
+    from .config import library_versions, to_dict
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    header = f"# Resolved falcon-qlora config. Rerun with: falcon-qlora train --config {run.run_config}\n"
+    run.run_config.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    run.versions.write_text(json.dumps(library_versions(), indent=2) + "\n", encoding="utf-8")
+    return run.run_config
 
 
 def has_run_config(folder: Path) -> bool:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
-from .config import RunConfig, check_runtime, parse_args, save_run_config
+from .config import RunConfig, check_runtime, parse_args
 from .errors import UserError
-from .rundir import CHECKPOINT, FINAL, RunDir
+from .rundir import CHECKPOINT, FINAL, RunDir, save_run_config
 
 
 @dataclass
