@@ -205,7 +205,9 @@ def rotate(out: Path, keep: int | None) -> None:
 
 def save_checkpoint_atomically(trainer, save, model, trial) -> None:
     """Run Trainer._save_checkpoint (`save`) into <out>/.staging-checkpoint-N, add the run config, rename it to
-    <out>/checkpoint-N, then rotate. `trainer._staging_dir` redirects Trainer._get_output_dir meanwhile."""
+    <out>/checkpoint-N, then rotate. `trainer._staging_dir` redirects Trainer._get_output_dir meanwhile. Trainer
+    names the checkpoint folder itself (inside the staging one), so this is atomic_dir's fresh_dir + publish with
+    every process taking part, rather than atomic_dir."""
     run_dir = Path(trainer.args.output_dir)
     ckpt = RunDir(run_dir).checkpoint(trainer.state.global_step)
     name, staging = ckpt.name, staging_of(ckpt)
