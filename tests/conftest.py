@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random Falcons (both decoder architectures) and tiny Guanaco-style data, built once per
-test session, offline."""
+"""Shared fixtures and helpers: tiny random Falcons (both decoder architectures), tiny Guanaco-style data, a trained
+tiny adapter, built once per test session, offline; the config overrides and CLI arguments of a tiny run. The
+builders behind them (model, tokenizer, rows) live in tiny.py."""
 from __future__ import annotations
 
 import os
@@ -49,6 +50,14 @@ def tiny_overrides(model: Path, data: Path, out: Path, **kw) -> dict:
     return base
 
 
+def train_argv(model: Path, data: Path, out: Path, **kw) -> list[str]:
+    """`falcon-qlora train` arguments (for cli.main) of the tiny run, every override spelled as --key value."""
+    argv = ["train"]
+    for k, v in tiny_overrides(model, data, out, **kw).items():
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_falcon_7b_arch, tiny_data, tmp_path_factory) -> Path:
     """<run>/final of a short real training run on the 7B-style tiny Falcon (adapter, tokenizer, run config,
@@ -58,6 +67,13 @@ def tiny_adapter(tiny_falcon_7b_arch, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter-run")
     return train(make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out, max_steps=8,
                                               save_steps=100))).final_dir
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_adapter):
+    """(model, tokenizer) of the tiny adapter, loaded as `falcon-qlora chat` loads it."""
+    from falcon_qlora.chat import load_chat_model
+    return load_chat_model(str(tiny_adapter))
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_overrides
-from tiny import build_falcon, guanaco_rows
+from conftest import tiny_overrides, train_argv
+from tiny import build_falcon, guanaco_rows, write_jsonl
 
 ROW = "### Human: what is two plus two? ### Assistant: two plus two is four."
-
-
-def _jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def _good(n=8):
@@ -34,7 +29,7 @@ def _data(rows_or_bytes, name="train.jsonl"):
         if isinstance(rows_or_bytes, bytes):
             p.write_bytes(rows_or_bytes)
         else:
-            _jsonl(p, rows_or_bytes)
+            write_jsonl(p, rows_or_bytes)
         return {"dataset_name": str(p)}
     return setup
 
@@ -222,12 +217,8 @@ def _argv(setup_result, c) -> list[str]:
     else:
         extra, over = [], dict(setup_result)
     config = over.pop("config", None)
-    o = tiny_overrides(c.model, c.data, c.out, max_steps=1, save_steps=1)
-    o.update(over)
-    argv = ["train"] + (["--config", config] if config else [])
-    for k, v in o.items():
-        argv += [f"--{k}", str(v)]
-    return argv + extra
+    argv = train_argv(c.model, c.data, c.out, **{"max_steps": 1, "save_steps": 1, **over})
+    return argv[:1] + (["--config", config] if config else []) + argv[1:] + extra
 
 
 @pytest.mark.parametrize("case", list(CASES))

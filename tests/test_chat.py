@@ -3,15 +3,8 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 from falcon_qlora import chat
 from falcon_qlora.chat import HUMAN, build_prompt, generate, load_chat_model
-
-
-@pytest.fixture(scope="module")
-def chat_model(tiny_adapter):
-    return load_chat_model(str(tiny_adapter))
 
 
 def _forced(tok, prompt_len: int, text: str):
@@ -59,6 +52,18 @@ def test_stops_at_next_human_turn_and_cuts_it(chat_model):
         del model.generate
     assert out == ["two plus two is four."]
     assert lengths[0] < len(script)  # generation really stopped, not just the text cut
+
+
+def test_answers_say_which_ended_at_eos(chat_model):
+    """The demo scores answers by whether the model ended them: EOS written, or the token limit reached."""
+    model, tok = chat_model
+    prompt = build_prompt([], "what is two plus two?")
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    allowed, script = _forced(tok, n, " two plus two is four.")
+    [done] = chat.answers(model, tok, [prompt], max_new_tokens=len(script) + 1, prefix_allowed_tokens_fn=allowed)
+    [cut] = chat.answers(model, tok, [prompt], max_new_tokens=len(script) - 1, prefix_allowed_tokens_fn=allowed)
+    assert (done.text, done.ended_at_eos) == ("two plus two is four.", True)
+    assert not cut.ended_at_eos and "two plus two is four.".startswith(cut.text)
 
 
 def test_a_word_level_tokenizer_stops_at_the_next_human_turn(tmp_path):

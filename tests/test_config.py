@@ -1,7 +1,8 @@
 """The run config: reference defaults, presets, YAML round trip, CLI overrides, errors that name the key."""
 import pytest
 
-from falcon_qlora.config import PRESETS_DIR, ConfigError, RunConfig, load_config, save_run_config, to_dict
+from falcon_qlora.config import PRESETS_DIR, ConfigError, RunConfig, load_config, to_dict
+from falcon_qlora.rundir import save_run_config
 from falcon_qlora.config import parse_args
 
 REFERENCE = dict(

@@ -1,5 +1,4 @@
 """Data: sources, validation before any model is loaded, the length summary, completion-only masks."""
-import json
 
 import pytest
 from datasets import Dataset
@@ -8,13 +7,9 @@ from falcon_qlora.config import load_config
 from falcon_qlora.data import assistant_spans, load_dataset_splits, summarize, tokenize_completion_only
 from falcon_qlora.errors import UserError
 from falcon_qlora.model import load_tokenizer
+from tiny import write_jsonl
 
 GOOD = "### Human: hi ### Assistant: hello"
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_folder_gives_train_and_test_splits(tiny_data):
@@ -24,7 +19,7 @@ def test_folder_gives_train_and_test_splits(tiny_data):
 
 
 def test_single_file_is_the_train_split(tmp_path):
-    f = write(tmp_path / "d.jsonl", [{"text": GOOD, "id": 1}] * 3)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": GOOD, "id": 1}] * 3)
     train, held = load_dataset_splits(load_config(dataset_name=str(f)))
     assert len(train) == 3 and held is None
 
@@ -43,14 +38,14 @@ def test_parquet_and_csv(tmp_path, ext):
 
 
 def test_missing_text_field_names_file_and_field(tmp_path):
-    f = write(tmp_path / "d.jsonl", [{"prompt": GOOD}])
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": GOOD}])
     with pytest.raises(UserError, match=r"d.jsonl.*no 'text' column \(columns: prompt\)"):
         load_dataset_splits(load_config(dataset_name=str(f)))
 
 
 def test_bad_rows_are_reported_with_row_numbers(tmp_path):
     rows = [{"text": GOOD}, {"text": 5}, {"text": "  "}, {"text": "### Human: no answer"}, {"text": GOOD}]
-    f = write(tmp_path / "d.jsonl", rows)
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError) as err:
         load_dataset_splits(load_config(dataset_name=str(f)))
     msg = str(err.value)
@@ -59,7 +54,7 @@ def test_bad_rows_are_reported_with_row_numbers(tmp_path):
 
 
 def test_bad_rows_can_be_dropped_with_a_count(tmp_path, capsys):
-    f = write(tmp_path / "d.jsonl", [{"text": GOOD}, {"text": "no markers"}, {"text": GOOD}])
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": GOOD}, {"text": "no markers"}, {"text": GOOD}])
     train, _ = load_dataset_splits(load_config(dataset_name=str(f), drop_invalid_rows=True))
     assert len(train) == 2
     assert "dropped 1 invalid rows of 3" in capsys.readouterr().out

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from falcon_qlora import demo_data
 from falcon_qlora.config import load_config
 
@@ -47,6 +49,7 @@ def test_every_row_fits_max_length_with_its_eos(smollm2):
         assert longest <= cfg.max_length, (split, longest)
 
 
+@pytest.mark.slow
 def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
     """SmolLM2 in 4-bit + LoRA, a shortened demo schedule: held-out loss drops and answers end at EOS."""
     from falcon_qlora.demo import run_demo
@@ -55,9 +58,22 @@ def test_demo_learns_on_a_short_schedule(smollm2, tmp_path):
     assert result.linear4bit == 30 * 7            # every linear layer of the 30 blocks is bnb Linear4bit
     assert result.eval_loss_after < 0.8 * result.eval_loss_before, result.summary()
     assert any(g.ended_at_eos for g in result.generations_after), result.generations_after
-    assert result.loss_plot is not None and result.loss_plot.stat().st_size > 0
+    assert result.loss_plot.name == "demo_loss.png" and result.loss_plot.stat().st_size > 0
+    assert (result.loss_plot.parent / "loss.png").is_file()  # train's own figure, beside it
     assert (result.adapter_dir / "adapter_config.json").is_file()
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_the_demo_figure_leaves_the_runs_loss_plot_alone(tmp_path):
+    """train's loss.png stays the one train wrote; the demo's figure (the same curve plus the held-out loss before and
+    after) goes beside it."""
+    from falcon_qlora import demo
+    from falcon_qlora.train import plot_losses
+    history = [{"step": 1, "loss": 3.2}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.4}]
+    trains = plot_losses(tmp_path / "loss.png", history).read_bytes()
+    path = demo.plot_losses(tmp_path, history, 3.4, 0.7)
+    assert path == tmp_path / "demo_loss.png" and path.stat().st_size > 0
+    assert (tmp_path / "loss.png").read_bytes() == trains
 
 
 def _result(before, after, correct_before, correct_after, n=4):

@@ -173,6 +173,7 @@ def _rows_seen(folder: Path, tokenizer) -> dict:
     return seen
 
 
+@pytest.mark.slow
 def test_two_processes_see_different_rows_and_log_once(two_process_run, tiny_falcon_7b_arch):
     from transformers import AutoTokenizer
     tmp, out = two_process_run
@@ -188,6 +189,7 @@ def test_two_processes_see_different_rows_and_log_once(two_process_run, tiny_fal
         assert not set(seen[0, step]) & set(seen[1, step]), seen
 
 
+@pytest.mark.slow
 def test_two_processes_save_rank_zeros_adapter_which_loads_back(two_process_run):
     import torch
     from peft import get_peft_model_state_dict
@@ -209,6 +211,7 @@ def test_two_processes_save_rank_zeros_adapter_which_loads_back(two_process_run)
         torch.testing.assert_close(loaded[k].float().cpu(), saved[k].float())
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes_continues_at_the_next_step(two_process_run, tiny_falcon_7b_arch):
     from transformers import AutoTokenizer
     tmp, out = two_process_run

@@ -15,6 +15,7 @@ import pytest
 from falcon_qlora import llamacpp
 from falcon_qlora.errors import UserError
 from falcon_qlora.export import export
+from tiny import logits
 
 TEXT = "### Human: what is three plus one? ### Assistant: three plus one is four."
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not installed (falcon-qlora[gguf])")
@@ -22,13 +23,6 @@ needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp 
 
 def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _logits(model, tok, text=TEXT):
-    import torch
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(**tok(text, return_tensors="pt").to(device)).logits.float().cpu()
 
 
 def _gguf_model(path):
@@ -50,8 +44,8 @@ def test_adapter_export_reads_back_through_transformers_and_matches_the_merged_m
     """The 7B-layout tiny Falcon + a trained adapter -> GGUF -> transformers' own GGUF loader: same logits."""
     model, tok = merged_tiny
     out = export(tiny_adapter, tmp_path / "tiny.gguf", quant=quant)
-    got = _logits(_gguf_model(out), tok)
-    assert _rel(got, _logits(model, tok)) < tol
+    got = logits(_gguf_model(out), tok, TEXT)
+    assert _rel(got, logits(model, tok, TEXT)) < tol
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.Modelfile", "tiny.gguf"]   # no temporary left
 
 
@@ -112,7 +106,7 @@ def test_llama_cpp_runs_both_falcon_layouts_with_the_logits_of_transformers(tiny
     with llamacpp.Model(out) as m:
         assert m.tokenize(TEXT) == ids    # llama.cpp's BPE on the exported vocabulary and merges
         got = torch.from_numpy(m.logits(ids))
-    want = _logits(ref, tok)[0]
+    want = logits(ref, tok, TEXT)[0]
     assert _rel(got, want) < 1e-2
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
@@ -137,7 +131,7 @@ def test_smollm2_round_trips_through_transformers_and_keeps_its_chatml_template(
     tok = AutoTokenizer.from_pretrained(smollm2)
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     assert back(TEXT).input_ids == tok(TEXT).input_ids
-    assert _rel(_logits(_gguf_model(out), tok), _logits(ref, tok)) < 5e-3
+    assert _rel(logits(_gguf_model(out), tok, TEXT), logits(ref, tok, TEXT)) < 5e-3
     modelfile = (tmp_path / "smol.Modelfile").read_text()
     assert "<|im_start|>user\n{{ .Content }}<|im_end|>\n" in modelfile
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile

@@ -8,14 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_overrides
-
-
-def _argv(model, data, out, **kw) -> list[str]:
-    argv = ["train"]
-    for k, v in tiny_overrides(model, data, out, **kw).items():
-        argv += [f"--{k}", str(v)]
-    return argv
+from conftest import tiny_overrides, train_argv
 
 
 def _poison_after_save(monkeypatch, step: int, how: str):
@@ -46,7 +39,7 @@ def test_non_finite_stops_at_that_step(how, what, tiny_falcon_7b_arch, tiny_data
     from falcon_qlora.cli import main
     out = tmp_path / "run"
     _poison_after_save(monkeypatch, 3, how)
-    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=8, save_steps=3))
+    code = main(train_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=8, save_steps=3))
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err
@@ -65,7 +58,7 @@ def _fake_trainer(fp16=False, scale=None, out="/nowhere"):
 
 
 def test_fp16_overflow_message_names_the_fix():
-    from falcon_qlora.guards import NonFiniteError, check_finite
+    from falcon_qlora.safety import NonFiniteError, check_finite
     with pytest.raises(NonFiniteError) as err:
         check_finite("loss", torch.tensor(float("inf")), _fake_trainer(fp16=True))
     msg = str(err.value)
@@ -76,7 +69,7 @@ def test_fp16_overflow_message_names_the_fix():
 def test_fp16_grad_scaler_overflow_is_tolerated_until_the_scale_collapses():
     """The fp16 grad scaler skips steps with inf gradients on purpose while it lowers its scale; only an overflow
     at a scale below 1 is a real divergence."""
-    from falcon_qlora.guards import NonFiniteError, check_finite
+    from falcon_qlora.safety import NonFiniteError, check_finite
     check_finite("grad_norm", math.inf, _fake_trainer(fp16=True, scale=65536.0))  # no error
     check_finite("grad_norm", 0.7, _fake_trainer(fp16=True, scale=0.5))
     with pytest.raises(NonFiniteError, match="grad_norm is inf"):
@@ -90,7 +83,7 @@ def test_disk_too_small_refuses_before_training(tiny_falcon_7b_arch, tiny_data, 
     from falcon_qlora.cli import main
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200_000))
-    code = main(_argv(tiny_falcon_7b_arch, tiny_data, tmp_path / "run", save_total_limit=3))
+    code = main(train_argv(tiny_falcon_7b_arch, tiny_data, tmp_path / "run", save_total_limit=3))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "has 0.2 MB free but the run needs about" in line, line
     assert "save_total_limit=3" in line and "lower save_total_limit" in line
@@ -132,7 +125,7 @@ def test_rows_with_no_answer_within_max_length_are_counted_and_dropped(tiny_falc
 
 
 def _watch_steps(losses, factor=2.0):
-    from falcon_qlora.guards import DivergenceWatch
+    from falcon_qlora.safety import DivergenceWatch
     watch, trainer = DivergenceWatch(factor), _fake_trainer()
     for step, loss in enumerate(losses, start=1):
         watch.add(step, loss, trainer, None)
@@ -140,7 +133,7 @@ def _watch_steps(losses, factor=2.0):
 
 
 def test_divergence_needs_five_steps_in_a_row_above_twice_the_first_loss():
-    from falcon_qlora.guards import DivergenceError
+    from falcon_qlora.safety import DivergenceError
     _watch_steps([3.4, 7.0, 7.5, 7.9, 8.0, 2.0, 9.0, 9.0])         # a spike that recovers: trains on
     _watch_steps([12.0, 11.99, 11.9, 11.8, 11.7])                   # the benchmark runs: flat or falling
     with pytest.raises(DivergenceError, match=r"training stopped at step 7: .*above 2x its first value"):
@@ -159,7 +152,7 @@ def test_a_diverging_run_stops_with_the_step_and_its_last_checkpoint(tiny_falcon
         return loss * 10 if self.state.global_step >= 3 else loss
     monkeypatch.setattr(trl.SFTTrainer, "training_step", climbing)
     out = tmp_path / "run"
-    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=12, save_steps=3))
+    code = main(train_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=12, save_steps=3))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert line.startswith("falcon-qlora train: error: training stopped at step 8: the loss has stayed above 2x")
@@ -174,7 +167,7 @@ def test_the_divergence_check_can_be_switched_off(tiny_falcon_7b_arch, tiny_data
     monkeypatch.setattr(trl.SFTTrainer, "training_step",
                         lambda self, *a, **kw: real(self, *a, **kw) * (10 if self.state.global_step >= 3 else 1))
     out = tmp_path / "run"
-    assert main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=9, save_steps=100,
+    assert main(train_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=9, save_steps=100,
                       divergence_factor="None")) == 0
     assert (out / "final" / "adapter_config.json").is_file()
 
@@ -204,7 +197,7 @@ def test_disk_full_during_the_run_names_the_last_good_checkpoint(where, tiny_fal
         monkeypatch.setattr(torch, "save", save)
     else:
         monkeypatch.setattr(T, "write_metrics", full)
-    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=4, save_steps=2, eval_split=None))
+    code = main(train_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=4, save_steps=2, eval_split=None))
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     cfg = make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, out))
     assert code == 2 and lines[-1].startswith(f"falcon-qlora train: error: the disk of {out} is full"), lines[-3:]

@@ -6,6 +6,7 @@ import pytest
 from falcon_qlora.errors import UserError
 from falcon_qlora.merge import CHECK_TEXTS, merge
 from falcon_qlora.template import GUANACO_TEMPLATE
+from tiny import logits
 
 TEXT = "### Human: what is four plus one? ### Assistant: four plus one is five."
 
@@ -13,14 +14,6 @@ TEXT = "### Human: what is four plus one? ### Assistant: four plus one is five."
 @pytest.fixture(scope="module")
 def merged(tiny_adapter, tmp_path_factory):
     return merge(tiny_adapter, tmp_path_factory.mktemp("m") / "merged")
-
-
-def _logits(model, tok, text=TEXT):
-    """fp32 logits on the CPU, whatever device the model sits on."""
-    import torch
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(**tok(text, return_tensors="pt").to(device)).logits.float().cpu()
 
 
 def test_merged_folder_loads_with_plain_transformers_and_matches(merged, tiny_adapter):
@@ -34,8 +27,8 @@ def test_merged_folder_loads_with_plain_transformers_and_matches(merged, tiny_ad
     tok = AutoTokenizer.from_pretrained(merged)
     assert tok.chat_template == GUANACO_TEMPLATE  # the merged model carries the prompt format it was trained in
     ref_model, ref_tok, _ = load_adapter_model(tiny_adapter)  # the 4-bit base + adapter, as trained
-    ref = _logits(ref_model, ref_tok)
-    assert ((_logits(plain, tok) - ref).norm() / ref.norm()).item() < 1e-5
+    ref = logits(ref_model, ref_tok, TEXT)
+    assert ((logits(plain, tok, TEXT) - ref).norm() / ref.norm()).item() < 1e-5
     assert TEXT not in CHECK_TEXTS  # an input the pre-write check did not see
 
 
@@ -44,9 +37,9 @@ def test_merging_into_nf4_layers_would_be_far_less_exact(tiny_adapter, merged):
     from transformers import AutoModelForCausalLM
     from falcon_qlora.model import load_adapter_model
     model, tok, _ = load_adapter_model(tiny_adapter)
-    ref = _logits(model, tok)
-    ours = _logits(AutoModelForCausalLM.from_pretrained(merged), tok)
-    naive = _logits(model.merge_and_unload(), tok)
+    ref = logits(model, tok, TEXT)
+    ours = logits(AutoModelForCausalLM.from_pretrained(merged), tok, TEXT)
+    naive = logits(model.merge_and_unload(), tok, TEXT)
     assert (naive - ref).norm() > 100 * (ours - ref).norm()
 
 
@@ -116,7 +109,8 @@ def test_fingerprint_tells_same_shaped_bases_apart(tiny_adapter, tiny_falcon_7b_
     """What train recorded equals what is computed at load time; a copy matches, another seed does not."""
     import json
     import shutil
-    from falcon_qlora.model import FINGERPRINT_FILE, base_fingerprint
+    from falcon_qlora.model import base_fingerprint
+    from falcon_qlora.rundir import FINGERPRINT as FINGERPRINT_FILE
     recorded = json.loads((tiny_adapter / FINGERPRINT_FILE).read_text())
     assert recorded == {"base": str(tiny_falcon_7b_arch), "fingerprint": base_fingerprint(str(tiny_falcon_7b_arch))}
     assert base_fingerprint(str(shutil.copytree(tiny_falcon_7b_arch, tmp_path / "copy"))) == recorded["fingerprint"]

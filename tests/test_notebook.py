@@ -26,6 +26,7 @@ def test_parameters_cell_names_only_config_keys():
     assert {"lora_r", "learning_rate", "max_steps", "model_name_or_path"} <= names
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_on_the_tiny_model(tiny_falcon_7b_arch, tiny_data, tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("FALCON_QLORA_SKIP_INSTALL", "1")
@@ -41,6 +42,7 @@ def test_notebook_runs_headless_on_the_tiny_model(tiny_falcon_7b_arch, tiny_data
     assert "<iframe" in outputs and "/v1" in outputs       # the last cell shows the chat page inline
 
 
+@pytest.mark.slow
 def test_notebook_runs_with_the_embedded_smollm2(smollm2, tmp_path, monkeypatch):
     """The same notebook on a model that knows language: SmolLM2-135M (4-bit) on the embedded demo data."""
     papermill = pytest.importorskip("papermill")

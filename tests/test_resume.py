@@ -23,20 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import train_argv
 
 SEED = int(os.environ.get("FQ_KILL_SEED", "0"))  # the random kill steps/delay; set it to explore others
 MAX_STEPS, SAVE_STEPS, LIMIT = 20, 4, 2
 
 
 def _argv(model, data, out, **kw) -> list[str]:
-    o = tiny_overrides(model, data, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_total_limit=LIMIT,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1,
-                       **kw)
-    argv = ["train"]
-    for k, v in o.items():
-        argv += [f"--{k}", str(v)]
-    return argv
+    return train_argv(model, data, out, max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_total_limit=LIMIT,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, **kw)
 
 
 def _install_hook(hook: list) -> None:
@@ -175,6 +170,7 @@ def chain(tiny_falcon_7b_arch, tiny_data, tmp_path_factory):
     return {"ref": ref, "out": out, "hooks": hooks, "results": results}
 
 
+@pytest.mark.slow
 def test_interrupted_nine_times_ends_with_the_same_adapter(chain):
     ref, *interrupted = chain["results"]
     assert ref["exit"] == 0, ref["log"]
@@ -190,6 +186,7 @@ def test_interrupted_nine_times_ends_with_the_same_adapter(chain):
     assert max((a[k] - earlier[k]).abs().max().item() for k in a) > 1e-3  # a few steps more or less would show
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_resumed_from(chain):
     r = dict(zip(map(lambda h: tuple(h) if h else None, chain["hooks"]), chain["results"][1:]))
     half = r[("half-write", "optimizer.pt")]
@@ -207,6 +204,7 @@ def test_half_written_checkpoint_is_never_resumed_from(chain):
     assert "resuming from" in logs[i + 2] and "checkpoint-4" in logs[i + 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
 def test_signal_saves_a_checkpoint_and_prints_the_resume_command(chain, sig):
     hook = next(h for h in chain["hooks"] if h and h[0] == sig)
@@ -225,11 +223,8 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(chain, sig):
 
 # ---------------------------------------------------------------------------------- damaged checkpoints
 def _small_argv(model, data, out, **kw) -> list[str]:
-    argv = ["train"]
-    kw = {"max_steps": 4, "save_steps": 2, "save_total_limit": None, "eval_split": None, **kw}
-    for k, v in tiny_overrides(model, data, out, **kw).items():
-        argv += [f"--{k}", str(v)]
-    return argv
+    return train_argv(model, data, out, **{"max_steps": 4, "save_steps": 2, "save_total_limit": None,
+                                           "eval_split": None, **kw})
 
 
 @pytest.fixture(scope="module")

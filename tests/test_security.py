@@ -10,18 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_argv
 
 TOKENS = {"HF_TOKEN": "hf_PlantedTokenDoNotLeak0123456789",
           "HUGGING_FACE_HUB_TOKEN": "hf_OtherPlantedToken9876543210",
           "WANDB_API_KEY": "wandbPlantedKey0123456789abcdef0123456789"}
-
-
-def _argv(model, data, out, **kw) -> list[str]:
-    argv = ["train"]
-    for k, v in tiny_overrides(model, data, out, **kw).items():
-        argv += [f"--{k}", str(v)]
-    return argv
 
 
 def _copy_model(src: Path, dst: Path) -> Path:
@@ -67,7 +60,7 @@ def pickle_model(tiny_falcon_7b_arch, tmp_path_factory) -> Path:
 
 def test_pickle_weights_are_refused(pickle_model, tiny_data, tmp_path, capsys):
     from falcon_qlora.cli import main
-    code = main(_argv(pickle_model, tiny_data, tmp_path / "run"))
+    code = main(train_argv(pickle_model, tiny_data, tmp_path / "run"))
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err
@@ -98,7 +91,7 @@ def test_planted_tokens_never_reach_the_run_dir(tiny_falcon_7b_arch, tiny_data, 
         return args
     monkeypatch.setattr(T, "sft_config", with_token)
     out = tmp_path / "run"
-    assert main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2, save_steps=1)) == 0
+    assert main(train_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2, save_steps=1)) == 0
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "training_args.bin" for p in files) and len(files) > 20
     assert files_with_secrets(out, list(TOKENS.values())) == []
@@ -126,7 +119,7 @@ def test_output_paths_cannot_escape_the_output_dir(name, tiny_falcon_7b_arch, ti
     out = tmp_path / "run"
     out.mkdir()
     (out / name).symlink_to(elsewhere, target_is_directory=True)
-    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, overwrite=True))
+    code = main(train_argv(tiny_falcon_7b_arch, tiny_data, out, overwrite=True))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{out / name} resolves to {elsewhere}, outside the output directory" in line, line
     assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
@@ -156,7 +149,7 @@ def test_planted_links_on_hidden_names_are_replaced_not_followed(tiny_falcon_7b_
         targets[name] = tmp_path / f"elsewhere{name}"
         targets[name].mkdir()
         (out / name).symlink_to(targets[name], target_is_directory=True)
-    code = main(_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2, save_steps=1, save_total_limit=1,
+    code = main(train_argv(tiny_falcon_7b_arch, tiny_data, out, max_steps=2, save_steps=1, save_total_limit=1,
                       eval_split=None))
     assert code == 0, capsys.readouterr().err[-2000:]
     assert all(list(t.iterdir()) == [] for t in targets.values())

@@ -27,11 +27,6 @@ ASK = [{"role": "user", "content": QUESTION}]
 CAP, QUEUE = 48, 4
 
 
-@pytest.fixture(scope="module")
-def chat_model(tiny_adapter):
-    return load_chat_model(str(tiny_adapter))
-
-
 @contextmanager
 def serving(chat_model, **kw):
     model, tok = chat_model

@@ -26,6 +26,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def logits(model, tok, text: str):
+    """fp32 logits of `text` on the CPU, whatever device the model sits on."""
+    import torch
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(**tok(text, return_tensors="pt").to(device)).logits.float().cpu()
+
+
 def build_tokenizer(path: Path, eos_only: bool = False):
     """A byte-level BPE trained on the task's words, with Falcon's special tokens (EOS <|endoftext|>, no pad);
     eos_only: EOS is its only special token, as in GPT-2."""

@@ -13,6 +13,7 @@ at EOS or where the model starts the next "### Human:" turn, which is cut from t
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 from . import template
 from .errors import UserError
@@ -106,8 +107,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do
              stream: bool = False, **generate_kwargs) -> list[str]:
     """Answers for a batch of prompts (padded on the left, so every row's next token follows its own prompt).
     Stops at EOS or where the run's chat template begins the next user turn ("### Human:"); returns only the new
-    text. stream=True prints one prompt's answer
-    as it is generated. generate_kwargs go to model.generate as they are."""
+    text. stream=True prints one prompt's answer as it is generated. generate_kwargs go to model.generate as they
+    are."""
+    return [a.text for a in answers(model, tokenizer, prompts, max_new_tokens, do_sample, temperature, top_p, top_k,
+                                    repetition_penalty, stream, **generate_kwargs)]
+
+
+@dataclass
+class Answer:
+    text: str           # the new text, cut at the first stop string
+    ended_at_eos: bool  # EOS is among the new tokens (the token generate() pads a finished row with, too)
+
+
+def answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do_sample: bool = False,
+            temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
+            stream: bool = False, **generate_kwargs) -> list[Answer]:
+    """generate(), also saying of each answer whether the model ended it with EOS."""
     import torch
     if stream and len(prompts) != 1:
         raise ValueError("stream=True works with one prompt at a time")
@@ -129,13 +144,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, do
                              stopping_criteria=stop_on_text(tokenizer, stops, enc["input_ids"].shape[1]),
                              **sampling, **generate_kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
-    return [cut_at_stop(t, stops) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [Answer(cut_at_stop(text, stops), tokenizer.eos_token_id in row)
+            for text, row in zip(tokenizer.batch_decode(new, skip_special_tokens=True), new.tolist())]
 
 
 def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = False):
     """(model, tokenizer) for chatting: base + adapter, or the base alone when no adapter is given."""
     from .config import load_config
     from .model import load_adapter_model, load_base_model, load_tokenizer
+    from .rundir import load_run_config
     if adapter is None:
         if base is None:
             raise UserError("give --adapter DIR (a folder written by `falcon-qlora train`) or --base MODEL")
@@ -143,9 +160,7 @@ def load_chat_model(adapter: str | None, base: str | None = None, bf16: bool = F
         model = load_base_model(cfg, load_in_4bit=not bf16)
         tok = load_tokenizer(base, cfg)
     else:
-        from pathlib import Path
-        saved = Path(adapter) / "run_config.yaml"
-        cfg = load_config(saved if saved.is_file() else None, **({"compute_dtype": "bf16"} if bf16 else {}))
+        cfg = load_run_config(adapter, **({"compute_dtype": "bf16"} if bf16 else {}))
         model, tok, _ = load_adapter_model(adapter, base=base, load_in_4bit=not bf16, cfg=cfg)
     model.eval()
     model.config.use_cache = True

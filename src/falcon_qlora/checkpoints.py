@@ -1,4 +1,5 @@
-"""Checkpoints that survive a kill, and Ctrl-C / SIGTERM that save before stopping.
+"""Checkpoints that survive a kill, and Ctrl-C / SIGTERM that save before stopping: acts while training runs and at
+its end (the run dir's names are rundir.py's; the per-step checks are safety.py's).
 
 A checkpoint is written into a hidden staging folder and renamed into place (a rename is atomic on one filesystem),
 so `checkpoint-N` is either complete or absent; a run killed at any moment resumes from the newest complete one:
@@ -23,14 +24,9 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .rundir import STAGING, TRASH, RunDir, copy_run_files, staging_of, step_of, trash_of
 
-STAGING, TRASH = ".staging-", ".trash-"  # hidden names: never matched by `checkpoint-*`
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
-
-
-def step_of(path: Path) -> int | None:
-    tail = path.name.removeprefix("checkpoint-")
-    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
 
 
 def is_complete(path: Path) -> bool:
@@ -140,7 +136,7 @@ def set_aside_damaged(out: Path, cfg) -> list[str]:
         os.replace(ckpt, aside)
         notes.append(f"{ckpt.name} is damaged ({why}); set aside as {aside.name}")
     if notes:
-        start_over = shlex.join(["falcon-qlora", "train", "--config", str(Path(out) / "run_config.yaml"),
+        start_over = shlex.join(["falcon-qlora", "train", "--config", str(RunDir(out).run_config),
                                  "--resume", "false", "--overwrite", "true"])
         raise UserError(f"no intact checkpoint to resume from in {out}: {'; '.join(notes)}. Start over with: "
                         f"{start_over}")
@@ -168,14 +164,10 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def staging_for(dst: Path) -> Path:
-    return Path(dst).with_name(f"{STAGING}{Path(dst).name}")
-
-
 def publish(src: Path, dst: Path) -> Path:
     """Rename a finished folder into place; an existing `dst` is moved aside first and deleted after."""
     _fsync_tree(src)
-    old = dst.with_name(f"{TRASH}{dst.name}") if os.path.lexists(dst) else None
+    old = trash_of(dst) if os.path.lexists(dst) else None
     if old:
         remove(old)
         os.replace(dst, old)
@@ -190,7 +182,7 @@ def publish(src: Path, dst: Path) -> Path:
 def atomic_dir(dst: Path):
     """`with atomic_dir(out / "final") as tmp: save into tmp` -> `dst` appears complete or not at all."""
     dst = Path(dst)
-    tmp = fresh_dir(staging_for(dst))
+    tmp = fresh_dir(staging_of(dst))
     try:
         yield tmp
     except BaseException:
@@ -205,7 +197,7 @@ def rotate(out: Path, keep: int | None) -> None:
     if not keep:
         return
     for p in complete_checkpoints(out)[:-keep]:
-        trash = p.with_name(f"{TRASH}{p.name}")
+        trash = trash_of(p)
         remove(trash)
         os.replace(p, trash)
         remove(trash)
@@ -213,10 +205,12 @@ def rotate(out: Path, keep: int | None) -> None:
 
 def save_checkpoint_atomically(trainer, save, model, trial) -> None:
     """Run Trainer._save_checkpoint (`save`) into <out>/.staging-checkpoint-N, add the run config, rename it to
-    <out>/checkpoint-N, then rotate. `trainer._staging_dir` redirects Trainer._get_output_dir meanwhile."""
+    <out>/checkpoint-N, then rotate. `trainer._staging_dir` redirects Trainer._get_output_dir meanwhile. Trainer
+    names the checkpoint folder itself (inside the staging one), so this is atomic_dir's fresh_dir + publish with
+    every process taking part, rather than atomic_dir."""
     run_dir = Path(trainer.args.output_dir)
-    name = f"checkpoint-{trainer.state.global_step}"
-    staging = run_dir / f"{STAGING}{name}"
+    ckpt = RunDir(run_dir).checkpoint(trainer.state.global_step)
+    name, staging = ckpt.name, staging_of(ckpt)
     try:
         if trainer.args.should_save:
             fresh_dir(staging)
@@ -229,10 +223,8 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
         trainer.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_<rank>.pth) are in
         if not trainer.args.should_save:
             return
-        for extra in RUN_FILES:  # every checkpoint is self-describing (chat/eval/merge read these)
-            if (run_dir / extra).is_file():
-                shutil.copy2(run_dir / extra, staging / name / extra)
-        publish(staging / name, run_dir / name)
+        copy_run_files(run_dir, staging / name)  # every checkpoint is self-describing (chat/eval/merge read these)
+        publish(staging / name, ckpt)
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
@@ -243,7 +235,6 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-RUN_FILES = ("run_config.yaml", "base_fingerprint.json")  # copied from the run dir into every checkpoint
 
 
 def standing(out: Path, cfg) -> tuple[str, str]:
@@ -273,7 +264,7 @@ def load_finished(trainer, ckpt: Path) -> None:
 
 def resume_command(cfg) -> str:
     """The command that continues this run from its newest checkpoint."""
-    parts = ["falcon-qlora", "train", "--config", str(Path(cfg.output_dir) / "run_config.yaml"), "--resume", "true"]
+    parts = ["falcon-qlora", "train", "--config", str(RunDir(cfg.output_dir).run_config), "--resume", "true"]
     if cfg.overwrite:
         parts += ["--overwrite", "false"]
     return shlex.join(parts)

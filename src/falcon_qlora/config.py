@@ -308,17 +308,6 @@ def library_versions() -> dict:
     return out
 
 
-def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config (reloadable with --config) and the library versions into the run dir."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "run_config.yaml"
-    header = "# Resolved falcon-qlora config. Rerun with: falcon-qlora train --config " + str(path) + "\n"
-    path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2) + "\n", encoding="utf-8")
-    return path
-
-
 def from_namespace(namespace: dict, preset: str | None = None) -> RunConfig:
     """The notebook's parameters cell -> a RunConfig: every variable named like a config key is used. With a preset
     (the notebook passes colab-t4 on a T4), the preset's values replace the keys still at their reference default;

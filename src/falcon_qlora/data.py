@@ -8,6 +8,7 @@ the run with their row numbers and the field (or are dropped on request).
 
 What comes out has two columns: the text as trained (`dataset_text_field`) and `completion_spans`, the character
 spans of the assistant turns (the only tokens completion_only_loss trains on).
+A check of the rows goes here: it runs before training, like guards.py's checks of the machine and output dir.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@
     python -c "from falcon_qlora.demo import run_demo; print(run_demo().summary())"
 
 Nothing here trains differently from `falcon-qlora train --config demo`: the demo only measures the same model
-before and after, on the held-out split, with the same text (+ EOS) the trainer sees.
+before and after, on the held-out split, with the stages' own code: held-out loss from evaluate.score (the text +
+EOS the trainer sees), answers from chat.answers (chat's stop rules), the figure from train.plot_losses, written
+beside the run's loss.png as demo_loss.png.
 """
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import template
-from .chat import cut_at_stop, stop_on_text
 from .data import SPANS
 from .errors import UserError
 
@@ -87,47 +87,19 @@ def split_row(text: str, span: tuple[int, int]) -> tuple[str, str]:
 
 
 def heldout_loss(model, tok, texts: list[str], batch_size: int, max_length: int) -> float:
-    """Mean token cross-entropy over text + EOS, the sequence the trainer learns (every token counts, as in the
-    reference recipe which trains on the whole text)."""
-    import torch
-    total, count = 0.0, 0
-    model.eval()
-    for i in range(0, len(texts), batch_size):
-        enc = tok([t + tok.eos_token for t in texts[i:i + batch_size]], return_tensors="pt", padding=True,
-                  truncation=True, max_length=max_length, add_special_tokens=False).to(model.device)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        with torch.no_grad():
-            logits = model(**enc).logits[:, :-1].float()
-        tgt = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total, count = total + loss.item(), count + int((tgt != -100).sum())
-    return total / count
+    """Mean token cross-entropy over text + EOS, the sequence the trainer learns: `falcon-qlora eval`'s loss."""
+    from .evaluate import score
+    return score(model, tok, texts, batch_size, max_length)["loss"]
 
 
 def generate(model, tok, texts: list[str], spans: list[tuple[int, int]]) -> list[Generation]:
-    """Greedy answers to held-out prompts, in one left-padded batch (on a CPU each step's cost is mostly
-    dequantizing the 4-bit weights, shared by the whole batch), each stopping at its own EOS."""
-    import torch
+    """Greedy answers to held-out prompts through chat's generation, in one left-padded batch (on a CPU each
+    step's cost is mostly dequantizing the 4-bit weights, shared by the whole batch)."""
+    from .chat import answers
     prompts, expected = zip(*(split_row(t, s) for t, s in zip(texts, spans)))
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    finally:
-        tok.padding_side = side
     model.eval()
-    stops = template.stop_strings(tok)  # the next user turn of the run's template
-    with torch.no_grad():
-        ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             stopping_criteria=stop_on_text(tok, stops, enc.input_ids.shape[1]))
-    out = []
-    for prompt, want, row in zip(prompts, expected, ids[:, enc.input_ids.shape[1]:].tolist()):
-        ended = tok.eos_token_id in row
-        text = tok.decode(row[:row.index(tok.eos_token_id)] if ended else row, skip_special_tokens=True)
-        answer = cut_at_stop(text, stops)
-        out.append(Generation(prompt, want, answer, ended, _same_card(answer, want)))
-    return out
+    return [Generation(prompt, want, a.text, a.ended_at_eos, _same_card(a.text, want))
+            for prompt, want, a in zip(prompts, expected, answers(model, tok, list(prompts), MAX_NEW_TOKENS))]
 
 
 def _same_card(answer: str, expected: str) -> bool:
@@ -182,22 +154,11 @@ def run_demo(cfg=None, n_shown: int = N_SHOWN, verbose: bool = True, **overrides
 
 
 def plot_losses(out: Path, log_history: list, before: float, after: float) -> Path:
-    """The trainer's loss curve plus the held-out loss measured before and after (two points, not a curve)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps, losses = zip(*[(x["step"], x["loss"]) for x in log_history if "loss" in x])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, losses, label="train loss")
-    ax.plot([0, steps[-1]], [before, after], "o", color="tab:orange", label="held-out loss (before, after)")
-    ax.set(xlabel="optimizer step", ylabel="loss (mean per token)", title="demo: 4-bit NF4 base + LoRA")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """train's loss figure plus the held-out loss measured before and after (two points, not a curve), into the
+    run's demo_loss.png: the run's own loss.png stays the one train wrote."""
+    from .rundir import RunDir
+    from .train import plot_losses as plot
+    return plot(RunDir(out).demo_plot, log_history, (before, after), "demo: 4-bit NF4 base + LoRA")
 
 
 def _score(gens: list[Generation]) -> str:

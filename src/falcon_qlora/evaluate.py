@@ -109,7 +109,8 @@ def cli(argv: list[str]) -> int:
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
     result = evaluate(a.adapter, a.data, a.split, a.max_rows, a.batch_size, a.max_length, a.base)
-    out = Path(a.out) if a.out else Path(a.adapter) / "eval.json"
+    from .rundir import RunDir
+    out = Path(a.out) if a.out else RunDir(a.adapter).eval
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(render(result))
     print(f"written to {out}")

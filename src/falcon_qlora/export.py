@@ -29,9 +29,10 @@ META_PER_TOKEN, META_FIXED, KQUANT_MARGIN = 64, 2**20, 1.02
 def _source_config(adapter: Path | None, model: Path | None, base: str | None):
     """(model config, run config, base path) of what is being exported, read without loading any weights."""
     from transformers import AutoConfig
-    from .model import adapter_base, adapter_run_config, resolve_model_path
+    from .model import adapter_base, resolve_model_path
+    from .rundir import load_run_config
     folder = adapter or model
-    cfg = adapter_run_config(folder)
+    cfg = load_run_config(folder)
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"{adapter} has no adapter_config.json: pass the folder `falcon-qlora train` wrote "

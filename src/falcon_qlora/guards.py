@@ -1,93 +1,13 @@
-"""Checks that stop a run early and say why: non-finite numbers, too little disk, a broken bitsandbytes, and output
-paths that would land outside the output directory."""
+"""Pre-flight checks, run before training starts: too little disk, a broken bitsandbytes, output paths that would land
+outside the output directory. A new check of the machine or the inputs goes here; checks made while training runs
+(non-finite numbers, divergence) live in safety.py, the data's own in data.py."""
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
 
 from .errors import UserError
-
-# Names falcon-qlora and its loggers write directly in output_dir (checkpoint-N and hub-* folders are checked by
-# prefix; the hidden .staging-* and .trash-* names are always recreated, see checkpoints.fresh_dir).
-OUTPUT_NAMES = ("final", "run_config.yaml", "versions.json", "metrics.jsonl", "loss.png", "README.md",
-                "base_fingerprint.json", "runs", "wandb")
-
-
-class NonFiniteError(UserError):
-    """A NaN or inf loss or gradient norm: training stops at that step, before any checkpoint holds its result."""
-
-
-def _value(x) -> float:
-    return float(x.detach().float().item() if hasattr(x, "detach") else x)
-
-
-DIVERGENCE_STEPS = 5  # optimizer steps in a row above divergence_factor x the first step's loss
-
-
-class DivergenceError(UserError):
-    """The training loss stayed far above where it started: the run is learning nothing useful."""
-
-
-class DivergenceWatch:
-    """Follows the mean training loss of each optimizer step and stops a run whose loss stays above `factor` times
-    its first step's for DIVERGENCE_STEPS steps in a row. Calibration: every benchmark and demo run so far ends at
-    or below its first loss (max/first = 1.00 over 40 H200 runs in bench/raw); the broken CPU demo that prompted
-    this rose 4.6x on held-out rows. A factor of 2 leaves room for noisy starts while still catching that."""
-
-    def __init__(self, factor: float):
-        self.factor, self.first, self.above = factor, None, 0
-        self.step, self.losses = None, []
-
-    def add(self, step: int, loss: float, trainer, cfg) -> None:
-        """One micro-batch's loss; a step's mean is judged once the next step begins (or at flush())."""
-        if self.step is not None and step != self.step:
-            self.flush(trainer, cfg)
-        self.step = step
-        self.losses.append(loss)
-
-    def flush(self, trainer, cfg) -> None:
-        if not self.losses:
-            return
-        mean, step = sum(self.losses) / len(self.losses), self.step
-        self.losses = []
-        if self.first is None:
-            self.first = mean
-            return
-        self.above = self.above + 1 if mean > self.factor * self.first else 0
-        if self.above >= DIVERGENCE_STEPS:
-            from .checkpoints import standing
-            raise DivergenceError(
-                f"training stopped at step {step}: the loss has stayed above {self.factor:g}x its first value "
-                f"({mean:.3g} vs {self.first:.3g}) for {DIVERGENCE_STEPS} steps: training diverged; "
-                f"{'; '.join(standing(Path(trainer.args.output_dir), cfg))}. Likely causes: learning_rate too high "
-                f"(now {trainer.args.learning_rate:g}), broken 4-bit kernels on this machine (run falcon-qlora "
-                "doctor), or bad rows. Set divergence_factor=None to train on regardless")
-
-
-def check_finite(what: str, value, trainer, cfg=None, step: int | None = None) -> None:
-    """Raise NonFiniteError naming the step, the last good checkpoint and the likely fix if `value` is NaN/inf.
-
-    Under fp16 the grad scaler produces inf gradient norms on purpose while it searches for a scale, and skips
-    those steps; that is tolerated until the scale falls below 1 (overflow at every scale: a real divergence)."""
-    if value is None or math.isfinite(v := _value(value)):
-        return
-    scaler = getattr(trainer.accelerator, "scaler", None)
-    if what == "grad_norm" and scaler is not None and scaler.get_scale() >= 1.0:
-        return
-    from .checkpoints import standing
-    args = trainer.args
-    step = trainer.state.global_step + 1 if step is None else step  # default: the step being computed
-    last, then = standing(Path(args.output_dir), cfg)
-    if args.fp16:
-        fix = ("fp16 overflows on Falcon: set compute_dtype=bf16 (Ampere or newer GPUs) or fp32, which keeps "
-               "layer norms in fp32, or lower learning_rate")
-    else:
-        fix = (f"the update diverged: lower learning_rate (now {args.learning_rate:g}) or max_grad_norm, "
-               "and check the rows of this step")
-    raise NonFiniteError(f"training stopped at step {step}: {what} is {v} (not a finite number); {last}. "
-                         f"Likely fix: {fix}; then {then}")
 
 
 def _gb(n: float) -> str:
@@ -138,11 +58,11 @@ def inside(root: Path, *parts: str) -> Path:
 
 
 def check_output_paths(out: Path) -> None:
-    """Everything falcon-qlora will write under output_dir must stay there (e.g. no `final` symlink elsewhere)."""
-    for name in OUTPUT_NAMES:
+    """Everything falcon-qlora will write under output_dir must stay there (e.g. no `final` symlink elsewhere). The
+    hidden staging and trash names are not checked: they are always removed and recreated (checkpoints.fresh_dir)."""
+    from .rundir import RunDir
+    for name in RunDir(out).written_names():
         inside(out, name)
-    for p in [*Path(out).glob("checkpoint-*"), *Path(out).glob("hub-*")]:
-        inside(out, p.name)
 
 
 def quiet_bitsandbytes() -> None:

@@ -84,9 +84,10 @@ def checked_merge(adapter: str | Path, dtype: str = "auto", base: str | None = N
     the one the adapter was trained on (same shapes, other weights) is refused unless allow_other_base (a warning)."""
     import torch
     from .config import make_config, to_dict
-    from .model import adapter_run_config, load_adapter_model, resolve_compute_dtype, warn_other_base
+    from .model import load_adapter_model, resolve_compute_dtype, warn_other_base
+    from .rundir import load_run_config
     adapter = Path(adapter)
-    cfg = adapter_run_config(adapter)
+    cfg = load_run_config(adapter)
     name = dtype if dtype != "auto" else DTYPES[[torch.float32, torch.bfloat16, torch.float16].index(
         resolve_compute_dtype(cfg))]
     fp32 = make_config(**{**to_dict(cfg), "compute_dtype": "fp32"})
@@ -123,8 +124,8 @@ def _relative_error(got, reference) -> float:
 
 
 def _write(merged, tok, cfg, adapter: Path, out: Path, dtype: str, err: float) -> None:
-    from .config import save_run_config
     from .publish import known_metrics, model_card
+    from .rundir import RunDir, save_run_config
     out.mkdir(parents=True, exist_ok=True)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(merged.config, attr):
@@ -133,7 +134,7 @@ def _write(merged, tok, cfg, adapter: Path, out: Path, dtype: str, err: float) -
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
     tok.save_pretrained(out)
     save_run_config(cfg, out)
-    (out / "README.md").write_text(model_card(cfg, "merged", known_metrics(adapter)), encoding="utf-8")
+    RunDir(out).card.write_text(model_card(cfg, "merged", known_metrics(adapter)), encoding="utf-8")
     (out / MARKER).write_text(json.dumps({"adapter": str(adapter.resolve()), "adapter_sha256": adapter_digest(adapter),
                                           "base": cfg.model_name_or_path, "dtype": dtype,
                                           "max_relative_logit_error": err}, indent=2) + "\n", encoding="utf-8")

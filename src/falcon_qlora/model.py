@@ -278,22 +278,15 @@ def trainable_summary(model) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
 
 
-def adapter_run_config(adapter_dir: str | Path) -> RunConfig:
-    """The run config saved beside an adapter (train writes it into every checkpoint and final/), else defaults."""
-    from .config import load_config
-    saved = Path(adapter_dir) / "run_config.yaml"
-    return load_config(saved) if saved.is_file() else load_config()
-
-
 def adapter_base(adapter_dir: Path, cfg: RunConfig) -> str:
     """The base an adapter was trained on: its run config's model, else peft's base_model_name_or_path."""
     import json
-    if (adapter_dir / "run_config.yaml").is_file():
+    from .rundir import has_run_config
+    if has_run_config(adapter_dir):
         return cfg.model_name_or_path
     return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-FINGERPRINT_FILE = "base_fingerprint.json"  # written by train into the run dir, every checkpoint and final/
 FINGERPRINT_TENSORS, FINGERPRINT_BYTES = 8, 1 << 16
 
 
@@ -340,7 +333,8 @@ def base_fingerprint(name: str) -> str | None:
 def save_fingerprint(name: str, run_dir: Path) -> Path:
     """Record which base the adapter is trained on (copied into every checkpoint and final/)."""
     import json
-    path = Path(run_dir) / FINGERPRINT_FILE
+    from .rundir import RunDir
+    path = RunDir(run_dir).fingerprint
     path.write_text(json.dumps({"base": name, "fingerprint": base_fingerprint(name)}) + "\n", encoding="utf-8")
     return path
 
@@ -348,8 +342,9 @@ def save_fingerprint(name: str, run_dir: Path) -> Path:
 def other_base(adapter_dir: Path, base: str) -> str | None:
     """None when `base` is the base the adapter was trained on (or nothing was recorded); else why not."""
     import json
+    from .rundir import RunDir
     try:
-        saved = json.loads((Path(adapter_dir) / FINGERPRINT_FILE).read_text(encoding="utf-8"))
+        saved = json.loads(RunDir(adapter_dir).fingerprint.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     now = base_fingerprint(base) if saved.get("fingerprint") else None
@@ -376,7 +371,8 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, load_in
         raise UserError(f"{adapter_dir} has no adapter_config.json: pass the folder that `falcon-qlora train` "
                         "wrote (e.g. results/final or results/checkpoint-N)")
     if cfg is None:
-        cfg = adapter_run_config(adapter_dir)
+        from .rundir import load_run_config
+        cfg = load_run_config(adapter_dir)
     base = base or adapter_base(adapter_dir, cfg)
     problem = other_base(adapter_dir, base)
     if problem:

@@ -37,12 +37,14 @@ def kind_of(folder: Path) -> str:
 
 def known_metrics(folder: Path) -> dict:
     """Held-out figures saved near a run: eval.json (falcon-qlora eval) or the last eval of metrics.jsonl."""
-    for candidate in (folder / "eval.json", folder.parent / "eval.json"):
+    from .rundir import RunDir
+    near = (RunDir(folder), RunDir(Path(folder).parent))  # the adapter folder, then its run dir
+    for candidate in (d.eval for d in near):
         if candidate.is_file():
             r = json.loads(candidate.read_text())
             return {f"{k} {m}": round(r[k][m], 4) for k in ("base", "adapter") for m in ("loss", "perplexity",
                                                                                           "mean_token_accuracy")}
-    for candidate in (folder / "metrics.jsonl", folder.parent / "metrics.jsonl"):
+    for candidate in (d.metrics for d in near):
         if candidate.is_file():
             rows = [json.loads(x) for x in candidate.read_text().splitlines() if x.strip()]
             evals = [x for x in rows if "eval_loss" in x]
@@ -93,18 +95,16 @@ def model_card(cfg, kind: str, metrics: dict, repo_id: str | None = None) -> str
 def build_hub_folder(src: str | Path, dest: str | Path, cfg=None, repo_id: str | None = None) -> Path:
     """Copy weights, tokenizer and run config from `src` (an adapter or a merged model) into `dest` and write the
     model card. Returns dest."""
-    from .config import load_config
+    from .rundir import RUN_CONFIG, RunDir, load_run_config
     src, dest = Path(src), Path(dest)
     kind = kind_of(src)
-    if cfg is None:
-        saved = src / "run_config.yaml"
-        cfg = load_config(saved) if saved.is_file() else load_config()
+    cfg = cfg or load_run_config(src)
     dest.mkdir(parents=True, exist_ok=True)
-    names = set(WEIGHT_FILES + TOKENIZER_FILES + ("run_config.yaml",))
+    names = set(WEIGHT_FILES + TOKENIZER_FILES + (RUN_CONFIG,))
     for f in src.iterdir():
         if f.is_file() and (f.name in names or (f.name.startswith("model-") and f.suffix == ".safetensors")):
             shutil.copy2(f, dest / f.name)
-    (dest / "README.md").write_text(model_card(cfg, kind, known_metrics(src), repo_id), encoding="utf-8")
+    RunDir(dest).card.write_text(model_card(cfg, kind, known_metrics(src), repo_id), encoding="utf-8")
     return dest
 
 
@@ -127,7 +127,8 @@ def upload(folder: str | Path, repo_id: str, private: bool = True) -> str:
 
 def publish(src: str | Path, repo_id: str, cfg=None, private: bool = True) -> str:
     """Build <src>/../hub-<name> and upload it."""
+    from .rundir import RunDir
     src = Path(src)
-    folder = build_hub_folder(src, src.parent / f"hub-{repo_id.replace('/', '--')}", cfg, repo_id)
+    folder = build_hub_folder(src, RunDir(src.parent).hub_folder(repo_id), cfg, repo_id)
     print(f"hub folder: {folder}")
     return upload(folder, repo_id, private)

@@ -1,5 +1,6 @@
 """The trainer falcon-qlora runs: TRL's SFTTrainer plus three small overrides (atomic checkpoints, a stop on a NaN/inf
 loss or gradient norm before any checkpoint holds its result or on a diverged loss, no credentials in what it saves).
+Checks made while training runs go here; checks before it starts go in guards.py.
 
     trainer = safe_trainer_class(SFTTrainer)(model=..., args=..., callbacks=[stop.callback])
     stop.train(trainer, resume)                  # stop = StopOnSignal(): trainer.train() with Ctrl-C/SIGTERM caught
@@ -7,11 +8,12 @@ loss or gradient norm before any checkpoint holds its result or on a diverged lo
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 from .checkpoints import StopOnSignal, save_checkpoint_atomically
-from .guards import DivergenceWatch, check_finite
+from .errors import UserError
 
 # Environment variables whose values must never reach a file of the run directory.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "HF_API_TOKEN")
@@ -36,6 +38,81 @@ def files_with_secrets(run_dir: Path, secrets: list[str]) -> list[Path]:
     needles = [s.encode() for s in secrets] + [s.encode("utf-16-le") for s in secrets]
     return [p for p in sorted(Path(run_dir).rglob("*")) if p.is_file()
             and any(n in p.read_bytes() for n in needles)]
+
+
+class NonFiniteError(UserError):
+    """A NaN or inf loss or gradient norm: training stops at that step, before any checkpoint holds its result."""
+
+
+def _value(x) -> float:
+    return float(x.detach().float().item() if hasattr(x, "detach") else x)
+
+
+DIVERGENCE_STEPS = 5  # optimizer steps in a row above divergence_factor x the first step's loss
+
+
+class DivergenceError(UserError):
+    """The training loss stayed far above where it started: the run is learning nothing useful."""
+
+
+class DivergenceWatch:
+    """Follows the mean training loss of each optimizer step and stops a run whose loss stays above `factor` times
+    its first step's for DIVERGENCE_STEPS steps in a row. Calibration: every benchmark and demo run so far ends at
+    or below its first loss (max/first = 1.00 over 40 H200 runs in bench/raw); the broken CPU demo that prompted
+    this rose 4.6x on held-out rows. A factor of 2 leaves room for noisy starts while still catching that."""
+
+    def __init__(self, factor: float):
+        self.factor, self.first, self.above = factor, None, 0
+        self.step, self.losses = None, []
+
+    def add(self, step: int, loss: float, trainer, cfg) -> None:
+        """One micro-batch's loss; a step's mean is judged once the next step begins (or at flush())."""
+        if self.step is not None and step != self.step:
+            self.flush(trainer, cfg)
+        self.step = step
+        self.losses.append(loss)
+
+    def flush(self, trainer, cfg) -> None:
+        if not self.losses:
+            return
+        mean, step = sum(self.losses) / len(self.losses), self.step
+        self.losses = []
+        if self.first is None:
+            self.first = mean
+            return
+        self.above = self.above + 1 if mean > self.factor * self.first else 0
+        if self.above >= DIVERGENCE_STEPS:
+            from .checkpoints import standing
+            raise DivergenceError(
+                f"training stopped at step {step}: the loss has stayed above {self.factor:g}x its first value "
+                f"({mean:.3g} vs {self.first:.3g}) for {DIVERGENCE_STEPS} steps: training diverged; "
+                f"{'; '.join(standing(Path(trainer.args.output_dir), cfg))}. Likely causes: learning_rate too high "
+                f"(now {trainer.args.learning_rate:g}), broken 4-bit kernels on this machine (run falcon-qlora "
+                "doctor), or bad rows. Set divergence_factor=None to train on regardless")
+
+
+def check_finite(what: str, value, trainer, cfg=None, step: int | None = None) -> None:
+    """Raise NonFiniteError naming the step, the last good checkpoint and the likely fix if `value` is NaN/inf.
+
+    Under fp16 the grad scaler produces inf gradient norms on purpose while it searches for a scale, and skips
+    those steps; that is tolerated until the scale falls below 1 (overflow at every scale: a real divergence)."""
+    if value is None or math.isfinite(v := _value(value)):
+        return
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if what == "grad_norm" and scaler is not None and scaler.get_scale() >= 1.0:
+        return
+    from .checkpoints import standing
+    args = trainer.args
+    step = trainer.state.global_step + 1 if step is None else step  # default: the step being computed
+    last, then = standing(Path(args.output_dir), cfg)
+    if args.fp16:
+        fix = ("fp16 overflows on Falcon: set compute_dtype=bf16 (Ampere or newer GPUs) or fp32, which keeps "
+               "layer norms in fp32, or lower learning_rate")
+    else:
+        fix = (f"the update diverged: lower learning_rate (now {args.learning_rate:g}) or max_grad_norm, "
+               "and check the rows of this step")
+    raise NonFiniteError(f"training stopped at step {step}: {what} is {v} (not a finite number); {last}. "
+                         f"Likely fix: {fix}; then {then}")
 
 
 def safe_trainer_class(base):
@@ -123,4 +200,5 @@ def safe_trainer_class(base):
     return SafeTrainer
 
 
-__all__ = ["StopOnSignal", "safe_trainer_class", "scrub_args", "secret_values", "files_with_secrets"]
+__all__ = ["StopOnSignal", "safe_trainer_class", "scrub_args", "secret_values", "files_with_secrets", "check_finite",
+           "DivergenceWatch", "NonFiniteError", "DivergenceError"]

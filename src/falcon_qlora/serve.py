@@ -212,8 +212,9 @@ def run_name(adapter: str | None, base: str | None) -> str:
     """The model id clients use: the run folder's name for results/final or results/checkpoint-N, else the folder."""
     if adapter is None:
         return Path(str(base)).name
+    from .rundir import run_of
     p = Path(adapter).resolve()
-    return p.parent.name if p.name == "final" or p.name.startswith("checkpoint-") else p.name
+    return (run_of(p) or p).name
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import distributed as dist
-from .config import RunConfig, check_runtime, parse_args, save_run_config
+from .config import RunConfig, check_runtime, parse_args
 from .errors import UserError
+from .rundir import CHECKPOINT, FINAL, RunDir, save_run_config
 
 
 @dataclass
@@ -71,7 +71,7 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
         raise UserError(f"{out} already holds checkpoints ({existing[-1].name}): pass --resume to continue that run, "
                         "--overwrite to start over, or choose another --output_dir")
     if existing and cfg.overwrite and dist.is_main():
-        for p in out.glob("checkpoint-*"):
+        for p in out.glob(f"{CHECKPOINT}*"):  # checkpoint-N.damaged ones too
             remove(p)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -203,12 +203,15 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_ds, eval_ds, callbacks
 
 
 def write_metrics(out: Path, log_history: list) -> Path:
-    path = out / "metrics.jsonl"
+    path = RunDir(out).metrics
     path.write_text("".join(json.dumps(x) + "\n" for x in log_history), encoding="utf-8")
     return path
 
 
-def plot_losses(out: Path, log_history: list) -> Path | None:
+def plot_losses(path: Path, log_history: list, heldout: tuple[float, float] | None = None,
+                title: str | None = None) -> Path | None:
+    """The trainer's loss curve (and its held-out evals) into `path`; `heldout` adds a loss measured before and
+    after training as two points (the demo's). None when the history has no training loss."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -220,11 +223,11 @@ def plot_losses(out: Path, log_history: list) -> Path | None:
     ax.plot(*zip(*train), label="train loss")
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    if heldout:
+        ax.plot([0, train[-1][0]], list(heldout), "o", color="tab:orange", label="held-out loss (before, after)")
+    ax.set(xlabel="optimizer step", ylabel="loss (mean per token)", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out / "loss.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -291,7 +294,7 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
         print(speed)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    final = inside(out, "final")
+    final = inside(out, FINAL)
     history = trainer.state.log_history
     with stop.finishing(final, show=dist.is_main()):  # a SIGTERM now lets these few seconds of writing finish
         save_final(trainer, tok, cfg, out, final, [{"plan": plan.as_metrics()}, *history])  # what ran, first
@@ -308,26 +311,22 @@ def train(cfg: RunConfig, model=None, tokenizer=None, train_dataset=None, eval_d
 def save_final(trainer, tok, cfg: RunConfig, out: Path, final: Path, history: list) -> None:
     """final/ (adapter, tokenizer, run files) through a staging folder, then metrics.jsonl and loss.png. A full disk
     ends in one line naming the last good checkpoint and the resume command."""
-    from .checkpoints import RUN_FILES, disk_full, fresh_dir, publish, remove, staging_for, DISK_FULL
-    staging = staging_for(out / "final")
-    try:
-        if dist.is_main():
-            fresh_dir(staging)
-        dist.barrier()
-        dist.save_adapter(trainer, staging)  # every process calls it (FSDP gathers); only the main one writes
-        if not dist.is_main():
-            return
-        tok.save_pretrained(staging)
-        for name in RUN_FILES:
-            if (out / name).is_file():
-                shutil.copy2(out / name, staging / name)
-        publish(staging, final)  # final/ appears complete or not at all
+    import contextlib
+    from .checkpoints import DISK_FULL, atomic_dir, disk_full
+    from .rundir import copy_run_files, staging_of
+    try:  # final/ appears complete or not at all; only the main process writes
+        with atomic_dir(final) if dist.is_main() else contextlib.nullcontext():
+            dist.barrier()
+            dist.save_adapter(trainer, staging_of(final))  # every process calls it (FSDP gathers)
+            if not dist.is_main():
+                return
+            tok.save_pretrained(staging_of(final))
+            copy_run_files(out, staging_of(final))
         write_metrics(out, history)
-        plot = plot_losses(out, history)
+        plot = plot_losses(RunDir(out).loss_plot, history)
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
-        remove(staging)
         raise disk_full(cfg, out, "writing the final adapter") from None
     print(f"adapter saved to {final}" + (f"; loss curve {plot}" if plot else ""))
 
