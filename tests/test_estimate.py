@@ -10,7 +10,8 @@ from conftest import tiny_overrides
 from tiny import build_tokenizer, guanaco_rows, write_jsonl
 
 from falcon_qlora.config import load_config, make_config
-from falcon_qlora.estimate import estimate, quantized_bytes
+from falcon_qlora.estimate import estimate
+from falcon_qlora.memory import quantized_bytes
 from falcon_qlora.measure import training_peak
 from falcon_qlora.plan import PROFILE_PARTS
 

@@ -94,7 +94,7 @@ def test_checkpoint_size_estimate_matches_what_is_written(tiny_falcon_7b_arch, t
     """The size the disk check assumes per checkpoint (fp32 adapter + AdamW's two fp32 moments per trainable
     parameter, the tokenizer, a little state) is what a checkpoint takes."""
     from falcon_qlora.config import make_config
-    from falcon_qlora.estimate import disk_estimate
+    from falcon_qlora.memory import disk_estimate
     from falcon_qlora.train import train
     cfg = make_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "run", max_steps=2, save_steps=2,
                                        eval_split=None))

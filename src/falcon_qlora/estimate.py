@@ -13,8 +13,7 @@ import json
 
 from .config import RunConfig
 from .errors import UserError
-from .memory import (BUILTIN_CONFIGS, GiB, disk_estimate, model_config, model_shapes, peak,  # noqa: F401
-                     quantized_bytes, shapes)
+from .memory import GiB, disk_estimate, peak
 from .plan import RunPlan, make_plan, with_split
 
 

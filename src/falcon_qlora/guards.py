@@ -16,9 +16,9 @@ def _gb(n: float) -> str:
 
 def check_disk(cfg, model) -> int:
     """Refuse to start when the checkpoints kept under save_total_limit (+1 while the next is written, + the final
-    adapter; sizes from estimate.disk_estimate) do not fit in the free space of output_dir. Returns bytes needed."""
+    adapter; sizes from memory.disk_estimate) do not fit in the free space of output_dir. Returns bytes needed."""
     from .checkpoints import complete_checkpoints
-    from .estimate import disk_estimate
+    from .memory import disk_estimate
     est = disk_estimate(cfg, sum(p.numel() for p in model.parameters() if p.requires_grad))
     have = len(complete_checkpoints(Path(cfg.output_dir)))  # already on disk when resuming
     need = max(0, est["disk_peak_bytes"] - have * est["checkpoint_bytes"])
