@@ -76,6 +76,22 @@ def test_memory_profile_takes_up_to_memory_rows_per_micro_batch():
     assert (no_offload.micro_batch, no_offload.accumulation, no_offload.offload) == (4, 4, False)
 
 
+def test_memory_profile_takes_fewer_rows_where_long_rows_would_not_fit():
+    """8 rows of 8192 tokens are estimated at ~22 GiB: on a 15 GiB T4 the plan takes the most rows that fit."""
+    cfg = load_config("reference", max_length=8192)
+    plan = P.make_plan(cfg, T4_FREE, device="cuda", profile="memory")
+    assert plan.micro_batch * plan.accumulation == 16 and plan.offload
+    assert 1 <= plan.micro_batch < P.MEMORY_ROWS
+    assert peak(cfg, plan)["peak_bytes"] * P.MARGIN <= T4_FREE
+    bigger = P.with_split(plan, plan.micro_batch * 2, plan.accumulation // 2, True, True)
+    assert peak(cfg, bigger)["peak_bytes"] * P.MARGIN > T4_FREE
+
+
+def test_memory_profile_with_no_row_that_fits_says_so():
+    plan = P.make_plan(load_config("reference", max_length=8192), 2 * GiB, device="cuda", profile="memory")
+    assert plan.micro_batch == 1 and "even 1 row per micro-batch" in plan.reason
+
+
 def test_auto_is_reference_on_a_cpu_and_without_a_known_gpu():
     cfg = load_config("reference")
     assert P.make_plan(cfg, H200_FREE, device="cpu").profile == "reference"

@@ -114,7 +114,10 @@ def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | No
             reason += f"; no micro-batch fits {free_bytes / GiB:.0f} GiB free without checkpointing: the config's split"
     elif profile == "memory" and "split" in parts:
         if "offload" in parts:
-            mb = next(m for m in _divisors(rows) if m <= MEMORY_ROWS)
+            mb = memory_micro_batch(cfg, rows, free_bytes, parts)
+            if not mb:
+                mb = 1
+                reason += f"; even 1 row per micro-batch is estimated over {free_bytes / GiB:.0f} GiB free"
             split = (mb, rows // mb, True, True)
         else:
             split = (per_device, accumulation, True, False)
@@ -168,6 +171,21 @@ def speed_micro_batch(cfg: RunConfig, rows: int, free_bytes: int, parts=PARTS) -
     from .memory import peak
     for mb in _divisors(rows):
         candidate = _plan(cfg, "speed", "", mb, rows // mb, False, False, tuple(parts), "cuda")
+        if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
+            return mb
+    return 0
+
+
+def memory_micro_batch(cfg: RunConfig, rows: int, free_bytes: int | None, parts=PROFILE_PARTS["memory"]) -> int:
+    """The memory profile's rows per micro-batch: the largest divisor of `rows` up to MEMORY_ROWS (the fastest
+    measured within the reference's memory) whose peak, checkpointed and offloaded, times MARGIN fits free_bytes
+    (long rows on a small GPU take fewer); MEMORY_ROWS's divisor when the free memory is not known; 0 if none fits."""
+    from .memory import peak
+    sizes = [m for m in _divisors(rows) if m <= MEMORY_ROWS]
+    if not free_bytes:
+        return sizes[0]
+    for mb in sizes:
+        candidate = _plan(cfg, "memory", "", mb, rows // mb, True, True, tuple(parts), "cuda")
         if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
             return mb
     return 0
