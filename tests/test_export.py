@@ -255,3 +255,13 @@ def test_modelfile_points_at_the_file_and_stops_at_the_next_human_turn(tiny_adap
     text = (tmp_path / "m.Modelfile").read_text()
     assert text.startswith("FROM ./m.gguf\n")
     assert 'PARAMETER stop "### Human:"' in text
+
+
+@pytest.mark.parametrize("name,written", [("tiiuae/falcon-7b", 4_856_041_504), ("smollm2-135m", 105_453_824)])
+def test_the_k_quant_estimate_covers_what_llama_cpp_writes(name, written):
+    """Sizes of the q4_k_m files llama.cpp wrote (bench/raw/cpu_export_7b_q4.json, gguf_demo_llamacpp.json): the
+    disk check must not ask for less, nor for much more. Both models have rows that k-quants cannot block."""
+    from falcon_qlora.export import estimate_bytes
+    from falcon_qlora.memory import model_config
+    estimate = estimate_bytes(model_config(name), "q4_k_m")[0]
+    assert written <= estimate <= 1.10 * written

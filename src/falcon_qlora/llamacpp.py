@@ -23,6 +23,24 @@ FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, 
 # Bits per weight of each, as llama-quantize reports them for 7B models: for the disk estimate only.
 BITS = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q2_k": 3.4, "q3_k_s": 3.5, "q3_k_m": 3.9,
         "q3_k_l": 4.3, "q4_k_s": 4.6, "q4_k_m": 4.9, "q5_k_s": 5.5, "q5_k_m": 5.7, "q6_k": 6.6}
+# k-quants pack rows in blocks of 256: a matrix whose rows are not a multiple of 256 (Falcon-7B's 4544-wide inputs,
+# SmolLM2's 576) falls back to a legacy type (llama.cpp: q2_k/q3_k -> iq4_nl, q4_k -> q5_0, q5_k -> q5_1,
+# q6_k -> q8_0); the vocabulary matrix takes q6_k in the k-quant recipes (q8_0 when it falls back).
+FALLBACK_BITS = {"q2_k": 4.5, "q3_k_s": 4.5, "q3_k_m": 4.5, "q3_k_l": 4.5, "q4_k_s": 5.5, "q4_k_m": 5.5,
+                 "q5_k_s": 6.0, "q5_k_m": 6.0, "q6_k": 8.5}
+VOCAB_BITS, VOCAB_FALLBACK_BITS = 6.5625, 8.5
+K_BLOCK = 256
+
+
+def bits_per_weight(quant: str, shape: tuple, vocab_size: int) -> float:
+    """Bits per weight llama.cpp's quantizer gives one tensor of `shape` (torch order: rows last), for the disk
+    estimate; vectors (norms, biases) stay f32."""
+    if len(shape) < 2:
+        return 32.0
+    fits = shape[-1] % K_BLOCK == 0 or quant not in FALLBACK_BITS
+    if shape[0] == vocab_size and quant in FALLBACK_BITS:
+        return VOCAB_BITS if fits else VOCAB_FALLBACK_BITS
+    return BITS[quant] if fits else FALLBACK_BITS[quant]
 
 
 def binding():
