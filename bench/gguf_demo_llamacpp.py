@@ -34,12 +34,10 @@ def main() -> None:
     import transformers
     from falcon_qlora import llamacpp
     from falcon_qlora.config import load_config
-    from falcon_qlora.data import load_dataset_splits
-    from falcon_qlora.demo import MAX_NEW_TOKENS, _same_card, split_row
+    from falcon_qlora.demo import MAX_NEW_TOKENS, _same_card, heldout_pairs
     from falcon_qlora.export import export
     cfg = load_config("demo")
-    _, held = load_dataset_splits(cfg)
-    prompts, expected = zip(*(split_row(t) for t in held[cfg.dataset_text_field]))
+    prompts, expected = zip(*heldout_pairs(cfg))
     record = {"command": " ".join(sys.argv), "python": platform.python_version(), "machine": platform.machine(),
               "versions": {"llama.cpp": llamacpp.version(), "gguf": gguf.__version__ if hasattr(gguf, "__version__")
                            else "?", "transformers": transformers.__version__}, "adapter": a.adapter, "results": {}}

@@ -114,11 +114,10 @@ def main() -> None:
         gen_kwargs = {"min_new_tokens": a.max_tokens}
     else:
         from falcon_qlora.chat import load_chat_model
-        from falcon_qlora.demo import split_row
-        from falcon_qlora.demo_data import DATA_DIR
+        from falcon_qlora.demo import heldout_pairs
         model, tok = load_chat_model(a.adapter)
-        rows = [json.loads(x)["text"] for x in (DATA_DIR / "test.jsonl").read_text().splitlines()][:a.requests]
-        prompts = [split_row(r)[0].removeprefix("### Human: ").removesuffix(" ### Assistant:") for r in rows]
+        prompts = [p.removeprefix("### Human: ").removesuffix(" ### Assistant:")
+                   for p, _ in heldout_pairs()[:a.requests]]
     load_s = time.time() - t0
     app = build_app(model, tok, "bench", max_tokens_cap=max(a.max_tokens, 64), generate_kwargs=gen_kwargs)
     server, url = start_in_thread(app)

@@ -45,10 +45,8 @@ def right(answer: str, expected: str) -> bool:
 
 
 def heldout(n: int) -> list[tuple[str, str]]:
-    from falcon_qlora.demo import split_row
-    from falcon_qlora.demo_data import DATA_DIR
-    rows = [json.loads(x)["text"] for x in (DATA_DIR / "test.jsonl").read_text().splitlines()][:n]
-    return [(p.removeprefix("### Human: ").removesuffix(" ### Assistant:"), a) for p, a in map(split_row, rows)]
+    from falcon_qlora.demo import heldout_pairs
+    return [(p.removeprefix("### Human: ").removesuffix(" ### Assistant:"), a) for p, a in heldout_pairs()[:n]]
 
 
 def start_server(adapter: str) -> tuple[subprocess.Popen, str, list[str]]:

@@ -104,3 +104,13 @@ def test_demo_command_exits_1_with_one_line_when_the_demo_failed(monkeypatch, ca
     assert demo.cli([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("falcon-qlora demo: failed: held-out loss rose from 3.44 to 15.79")
+
+
+def test_heldout_pairs_are_the_prompts_and_cards_the_demo_scores():
+    import json
+    from falcon_qlora.demo import heldout_pairs
+    pairs = heldout_pairs()
+    assert len(pairs) == 40
+    for prompt, card in pairs:
+        assert prompt.startswith("### Human: ") and prompt.endswith("### Assistant:")
+        assert set(json.loads(card)) == {"name", "age", "city", "job"}

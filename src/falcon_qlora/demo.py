@@ -86,6 +86,16 @@ def split_row(text: str, span: tuple[int, int]) -> tuple[str, str]:
     return text[:start], text[start:end].strip()
 
 
+def heldout_pairs(cfg=None, tok=None) -> list[tuple[str, str]]:
+    """The demo's held-out rows as (prompt, expected answer), split as the demo asks and scores them (the
+    benchmarks that replay the demo's questions elsewhere use this too)."""
+    from .config import load_config
+    from .data import load_dataset_splits
+    cfg = cfg or load_config("demo")
+    _, held = load_dataset_splits(cfg, tokenizer=tok)
+    return [split_row(t, spans[-1]) for t, spans in zip(held[cfg.dataset_text_field], held[SPANS])]
+
+
 def heldout_loss(model, tok, texts: list[str], batch_size: int, max_length: int) -> float:
     """Mean token cross-entropy over text + EOS, the sequence the trainer learns: `falcon-qlora eval`'s loss."""
     from .evaluate import score
