@@ -43,9 +43,8 @@ def settled(text: str, stops: list[str]) -> tuple[str, bool]:
     """(the part of a growing answer that is final, whether a stop string ended it): the text up to the first stop
     string; without one, short of a tail that may still grow into one (a partial "### Hu") and of a character split
     across tokens. Whitespace at either end waits. Streaming in chat and serve shows exactly this."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut].strip(), True
+    if any(stop in text for stop in stops):
+        return cut_at_stop(text, stops), True
     end = len(text)
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
@@ -56,18 +55,13 @@ def settled(text: str, stops: list[str]) -> tuple[str, bool]:
     return (safe[:-1] if safe.endswith("\ufffd") else safe), False
 
 
-class _StopAwareStreamer:
-    """Prints tokens as they come, holding back any tail that could be the start of a stop string."""
+class SettledStreamer:
+    """A streamer for model.generate that passes on only the settled part of the growing answer (`settled`) to
+    `show`: chat prints it, serve sends it as events."""
 
-    def __init__(self, tokenizer, stops: list[str], out=None):
-        self.tok, self.stops, self.out = tokenizer, list(stops), out or sys.stdout
-        self.ids, self.shown, self.skip_prompt, self.stopped = [], 0, True, False
-
-    def _write(self, text: str) -> None:
-        if len(text) > self.shown:
-            self.out.write(text[self.shown:])
-            self.out.flush()
-            self.shown = len(text)
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, list(stops)
+        self.ids, self.skip_prompt, self.stopped = [], True, False
 
     def put(self, value):
         if self.skip_prompt:  # generate() first hands over the prompt
@@ -77,11 +71,31 @@ class _StopAwareStreamer:
             return
         self.ids.extend(value.reshape(-1).tolist())
         text, self.stopped = settled(self.tok.decode(self.ids, skip_special_tokens=True), self.stops)
-        self._write(text)
+        self.show(text)
 
     def end(self):
-        if not self.stopped:
-            self._write(cut_at_stop(self.tok.decode(self.ids, skip_special_tokens=True), self.stops))
+        if not self.stopped:  # no stop string came: the whole answer, the held-back tail included
+            self.show(cut_at_stop(self.tok.decode(self.ids, skip_special_tokens=True), self.stops))
+
+    def show(self, text: str) -> None:
+        raise NotImplementedError
+
+
+class _StopAwareStreamer(SettledStreamer):
+    """Prints tokens as they come, holding back any tail that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str], out=None):
+        super().__init__(tokenizer, stops)
+        self.out, self.shown = out or sys.stdout, 0
+
+    def show(self, text: str) -> None:
+        if len(text) > self.shown:
+            self.out.write(text[self.shown:])
+            self.out.flush()
+            self.shown = len(text)
+
+    def end(self):
+        super().end()
         self.out.write("\n")
         self.out.flush()
 

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from . import template
-from .chat import settled, stop_on_text
+from .chat import SettledStreamer, stop_on_text
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting or streaming request checks that its client is still there
 
@@ -63,32 +63,20 @@ class Job:
             pass
 
 
-class _JobStreamer:
-    """Streamer for model.generate: decodes the new tokens, cuts at a stop string, emits only text that is final."""
+class _JobStreamer(SettledStreamer):
+    """Streamer for model.generate: emits only the part of the answer that is final (chat.settled) as "delta" events;
+    a tail like "### Hu" waits."""
 
     def __init__(self, tok, job: Job, start: float):
-        self.tok, self.job, self.start = tok, job, start
-        self.ids: list[int] = []
-        self.sent, self.skip_prompt, self.stopped = 0, True, False
+        super().__init__(tok, job.stops)
+        self.job, self.start, self.sent = job, start, 0
 
     def put(self, value) -> None:
-        if self.skip_prompt:      # generate() hands over the prompt first
-            self.skip_prompt = False
-            return
-        if self.stopped:
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        if self.job.seconds_to_first_token is None:
+        if not self.skip_prompt and self.job.seconds_to_first_token is None:   # the first generated token
             self.job.seconds_to_first_token = time.perf_counter() - self.start
-        # searched as stop_on_text searches it; a tail like "### Hu" waits (chat.settled)
-        text, self.stopped = settled(self.tok.decode(self.ids, skip_special_tokens=True), self.job.stops)
-        self._send(text)
+        super().put(value)
 
-    def end(self) -> None:
-        if not self.stopped:
-            self._send(self.tok.decode(self.ids, skip_special_tokens=True).strip())
-
-    def _send(self, text: str) -> None:
+    def show(self, text: str) -> None:
         if len(text) > self.sent and text.startswith(self.job.text):
             self.job.emit("delta", text[self.sent:])
             self.job.text, self.sent = text, len(text)
