@@ -315,13 +315,13 @@ def save_final(trainer, tok, cfg: RunConfig, out: Path, final: Path, history: li
     from .checkpoints import DISK_FULL, atomic_dir, disk_full
     from .rundir import copy_run_files, staging_of
     try:  # final/ appears complete or not at all; only the main process writes
-        with atomic_dir(final) if dist.is_main() else contextlib.nullcontext():
+        with atomic_dir(final) if dist.is_main() else contextlib.nullcontext(staging_of(final)) as staging:
             dist.barrier()
-            dist.save_adapter(trainer, staging_of(final))  # every process calls it (FSDP gathers)
+            dist.save_adapter(trainer, staging)  # every process calls it (FSDP gathers)
             if not dist.is_main():
                 return
-            tok.save_pretrained(staging_of(final))
-            copy_run_files(out, staging_of(final))
+            tok.save_pretrained(staging)
+            copy_run_files(out, staging)
         write_metrics(out, history)
         plot = plot_losses(RunDir(out).loss_plot, history)
     except OSError as err:
