@@ -153,3 +153,19 @@ def test_train_prints_and_records_the_split_that_ran(tiny_falcon_7b_arch, tiny_d
     assert (result.metrics["per_device_batch"], result.metrics["gradient_accumulation"]) == (4, 1)
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert first["plan"]["profile"] == "memory" and first["plan"]["per_device_batch"] == 4
+
+
+def test_weight_cache_is_kept_only_where_the_speed_split_still_fits():
+    """The dequantized weights cost 2 bytes per 4-bit weight (13 GiB for Falcon-7B); rows per micro-batch come first,
+    and the cache is dropped, saying so, where it would not fit beside them."""
+    cfg = load_config("reference")
+    parts = P.PARTS + ("weight_cache",)
+    roomy = P.make_plan(cfg, H200_FREE, device="cuda", profile="speed", parts=parts)
+    assert (roomy.micro_batch, "weight_cache" in roomy.parts) == (16, True)
+    with_cache, without = peak(cfg, roomy), peak(cfg, P.make_plan(cfg, H200_FREE, device="cuda", profile="speed"))
+    extra = with_cache["peak_bytes"] - without["peak_bytes"]
+    assert with_cache["quantized_params"] > 6.6e9  # Falcon-7B's linears; bf16 copies, less the one dequantized at a time
+    assert abs(extra / (2 * with_cache["quantized_params"]) - 1) < 0.03
+    tight = P.make_plan(cfg, 60 * GiB, device="cuda", profile="speed", parts=parts)
+    assert (tight.micro_batch, "weight_cache" in tight.parts) == (16, False)
+    assert "no room for the dequantized weights" in tight.reason

@@ -96,6 +96,42 @@ def test_lora_grads_match_reference_bf16(tiny_falcon_7b_arch, tmp_path):
     assert _rel_err(got, ref) < 0.02
 
 
+def test_dequantized_weight_cache_gives_the_4bit_layers_gradients(tiny_falcon_7b_arch, tmp_path):
+    """Every frozen 4-bit layer computes with its weight dequantized once: the values bitsandbytes dequantizes each
+    step, so the same LoRA gradients (fp32: to rounding)."""
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    rows = _rows()
+    ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    P.apply_profile(model, {}, make_plan(cfg, 10**12, profile="speed", parts=("weight_cache",)))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all("_fq_weight" in m.__dict__ for m in layers)
+    m = layers[0]
+    assert torch.equal(m._fq_weight, dequantize_4bit(m.weight.data, m.weight.quant_state).to(m._fq_weight.dtype))
+    got = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    assert _rel_err(got, ref) < 1e-6
+    P.remove_profile(model)
+    assert not [m for m in layers if "_fq_weight" in m.__dict__ or "forward" in m.__dict__]
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_reference_gradients(tiny_falcon_7b_arch, tmp_path):
+    """torch.compile of each decoder layer (with the speed profile's patches and the weight cache inside; the row
+    segmentation outside) gives the reference path's LoRA gradients, for ragged rows of two different layouts."""
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    layouts = [_rows(), _rows(seed=1, lengths=(3, 12, 7, 6))]
+    ref = [_lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32) for rows in layouts]
+    plan = make_plan(cfg, 10**12, profile="speed", parts=ALL + ("weight_cache", "compile"))
+    P.apply_profile(model, {}, plan)
+    layers = model.get_base_model().transformer.h
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    for rows, want in zip(layouts, ref):
+        assert _rel_err(_lora_grads(model, rows, padding_free=True, micro_batch=4, dtype=torch.float32), want) < 1e-5
+    P.remove_profile(model)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+
+
 def test_remove_profile_restores_stock_forwards(tiny_falcon_7b_arch, tmp_path):
     """The patches are per instance and undone by remove_profile (the benchmark reuses one base model)."""
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path, compute_dtype="bf16")

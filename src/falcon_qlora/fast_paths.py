@@ -3,6 +3,8 @@
     norms_in_compute_dtype(model)   # layer-norm outputs in bf16/fp16 (computed in fp32), residual stream kept fp32
     patch_falcon_attention(model)   # padding-free rows through SDPA's fused kernels, one causal block per row
     patch_lora_forward(model)       # each LoRA layer as one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale)
+    cache_dequantized_weights(model)  # the frozen 4-bit weights dequantized once, not twice per step (GPU memory)
+    compile_layers(model)           # torch.compile of each decoder layer: the element-wise glue fused
 
 Each computes what the stock code computes (tests/test_profiles.py checks the gradients); generation, padded eval
 batches and non-Falcon models fall through to the stock forwards.
@@ -117,6 +119,13 @@ class Segments:
 _SEG_CACHE: list = [None, None]  # (position_ids tensor, Segments): one host sync per forward, not per layer
 
 
+def _eager(fn):
+    """Run fn outside torch.compile's graphs (compiled layers break once around it, not inside it)."""
+    import torch
+    return torch.compiler.disable(fn)
+
+
+@_eager
 def segments(position_ids):
     """position_ids (1, T) restarting at 0 for each row -> Segments, or None if it is not such a layout."""
     import torch
@@ -208,3 +217,74 @@ def _lora_forward(self, x, *args, **kwargs):
 
 
 _lora_forward._fq_patched = True
+
+
+# ----------------------------------------------------------------------------------------- dequantized weights
+def cache_dequantized_weights(model) -> int:
+    """Dequantize every frozen 4-bit weight once, to the compute dtype, and compute its layer with that copy.
+    bitsandbytes dequantizes each weight in forward and again in backward, every step: the same values (its matmul
+    is dequantize, then a GEMM in the compute dtype), so the results are the same, for 2 bytes per weight of GPU
+    memory (13 GiB for Falcon-7B; plan.py keeps it only where the run still fits). Returns the layers cached."""
+    import torch
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    n = 0
+    for m in unwrap(model).modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if (isinstance(m, Linear4bit) and "forward" not in m.__dict__ and qs is not None
+                and tuple(qs.shape) == (m.out_features, m.in_features)):
+            with torch.no_grad():
+                m._fq_weight = bnb.functional.dequantize_4bit(m.weight.data, qs).to(m.compute_dtype or torch.float32)
+            m.forward = types.MethodType(_cached_4bit_forward, m)
+            n += 1
+    return n
+
+
+def _cached_4bit_forward(self, x):
+    """Linear4bit.forward with the dequantized copy: input cast to the compute dtype, output back to the input's."""
+    import torch.nn.functional as F
+    w = self._fq_weight
+    bias = None if self.bias is None else self.bias.to(w.dtype)
+    return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+
+_cached_4bit_forward._fq_patched = True
+
+
+def drop_weight_cache(model) -> None:
+    for m in unwrap(model).modules():
+        m.__dict__.pop("_fq_weight", None)
+
+
+# ------------------------------------------------------------------------------------------- compiled layers
+def decoder_layers(model) -> list:
+    """The decoder layers (FalconDecoderLayer, LlamaDecoderLayer, ...): the blocks repeated layers times."""
+    import torch
+    stack = unwrap(model)
+    stack = getattr(stack, "transformer", None) or getattr(stack, "model", None) or stack
+    for name in ("h", "layers"):
+        layers = getattr(stack, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    return []
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer (one compiled code for all of them: the layers share their code), so the
+    element-wise work between the GEMMs (norms, dropout, GELU, residual adds, rotary, LoRA's scaling) runs as a
+    few fused kernels, forward and backward. The row segmentation stays outside the graphs (segments). Returns
+    the number of layers compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=None)
+        layer._fq_compiled = True
+    return len(layers)
+
+
+def uncompile_layers(model) -> None:
+    for layer in decoder_layers(model):
+        if layer.__dict__.pop("_fq_compiled", False):
+            layer.__dict__.pop("_compiled_call_impl", None)

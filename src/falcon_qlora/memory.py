@@ -148,6 +148,8 @@ def peak(cfg: RunConfig, plan) -> dict:
     else:
         base = linear_params * d
     weights = base + (sh["params"] - linear_params) * d
+    cached = cfg.load_in_4bit and "weight_cache" in parts  # fast_paths.cache_dequantized_weights
+    weights += linear_params * d if cached else 0
     lora = lora_params(cfg, sh)
     paged = cuda and "paged" in p.optim  # bitsandbytes' paged states: unified memory, not torch's allocator
     lora_b, grads, optim = 4 * lora, 4 * lora, int(optimizer_bytes_per_param(p.optim) * lora)
@@ -159,7 +161,7 @@ def peak(cfg: RunConfig, plan) -> dict:
     mask_len = T if "padding_free" in parts and not falcon else None  # one mask over the rows laid end to end
     layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res, mask_len) * T
     layer += lora_weight_copies(sh, cfg, d, "lora" in parts, nb if falcon else res)
-    dequant = max(sizes) * d if cfg.load_in_4bit else 0  # one weight dequantized at a time, forward and backward
+    dequant = max(sizes) * d if cfg.load_in_4bit and not cached else 0  # one weight at a time, forward and backward
     probs = sh["heads"] * s * 4 if sh["multi_query"] and not fused else 0
     layer_bwd = 2 * T * max(sh["ffn"] * (nb if falcon else 4), probs) + dequant
     res0 = 4 if hook else d  # layer 0's input: the embedding output (the norm patch upcasts it to fp32)

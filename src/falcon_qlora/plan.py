@@ -21,7 +21,9 @@ PROFILES = ("reference", "speed", "memory")
 #   split: the micro-batch split and checkpointing below; padding_free: rows laid end to end; attention: Falcon
 #   attention through SDPA per row; norms: layer-norm outputs in the compute dtype; lora: each LoRA layer as one GEMM;
 #   optim: fused torch AdamW for paged bnb AdamW; head_chunks: narrower tiles in TRL's fused LM head; offload:
-#   checkpointed layer inputs in pinned host memory; bf16_residual (benchmark only): the residual stream in bf16 too.
+#   checkpointed layer inputs in pinned host memory; weight_cache: the 4-bit weights dequantized once (kept only where
+#   the speed split still fits with them); compile: torch.compile of each decoder layer; bf16_residual (benchmark
+#   only): the residual stream in bf16 too.
 PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim")
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
                  "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload")}
@@ -110,6 +112,9 @@ def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | No
             speed_rows = speed_micro_batch(cfg, rows, free_bytes, parts) if free_bytes else 0
         if speed_rows:
             split = (speed_rows, rows // speed_rows, False, False)
+            if "weight_cache" in parts and free_bytes and not _fits(cfg, *split, parts, free_bytes):
+                parts = tuple(p for p in parts if p != "weight_cache")
+                reason += "; no room for the dequantized weights beside this micro-batch: dequantized each step"
         elif free_bytes:
             reason += f"; no micro-batch fits {free_bytes / GiB:.0f} GiB free without checkpointing: the config's split"
     elif profile == "memory" and "split" in parts:
@@ -167,13 +172,18 @@ def _choose_profile(cfg: RunConfig, wanted: str, rows: int, free_bytes: int | No
 
 def speed_micro_batch(cfg: RunConfig, rows: int, free_bytes: int, parts=PARTS) -> int:
     """The largest divisor of `rows` whose speed-profile peak (memory.peak of exactly that split, no checkpointing)
-    times MARGIN fits in free_bytes; 0 if none does."""
+    times MARGIN fits in free_bytes; 0 if none does. Rows per micro-batch come first: the dequantized-weight cache
+    is costed after (make_plan), since fewer launches gain more than it does."""
+    parts = tuple(p for p in parts if p != "weight_cache")
+    return next((mb for mb in _divisors(rows) if _fits(cfg, mb, rows // mb, False, False, parts, free_bytes)), 0)
+
+
+def _fits(cfg: RunConfig, micro_batch: int, accumulation: int, checkpointing: bool, offload: bool, parts: tuple,
+          free_bytes: int) -> bool:
+    """The speed split's estimated peak, times MARGIN, fits in free_bytes."""
     from .memory import peak
-    for mb in _divisors(rows):
-        candidate = _plan(cfg, "speed", "", mb, rows // mb, False, False, tuple(parts), "cuda")
-        if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
-            return mb
-    return 0
+    candidate = _plan(cfg, "speed", "", micro_batch, accumulation, checkpointing, offload, tuple(parts), "cuda")
+    return peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes
 
 
 def memory_micro_batch(cfg: RunConfig, rows: int, free_bytes: int | None, parts=PROFILE_PARTS["memory"]) -> int:

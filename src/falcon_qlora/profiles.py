@@ -13,6 +13,8 @@ in fast_paths.py, the offloading in offload.py):
   - layer-norm outputs in the compute dtype: under autocast they come out in fp32 and drag every activation after
     them (the 18176-wide MLP ones too) into fp32; the residual stream itself stays fp32, as in the reference.
   - each LoRA layer as one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale) instead of peft's clone/mul/add.
+  - weight_cache: the frozen 4-bit weights dequantized once to the compute dtype, where the GPU has room for them.
+  - compile: each decoder layer through torch.compile, which fuses the element-wise work between the GEMMs.
   - speed: no gradient checkpointing, the effective batch in as few micro-batches as free memory allows (costed by
     memory.py for the model's own shape), fused torch AdamW instead of paged bnb AdamW 32-bit.
   - memory: gradient checkpointing kept, its layer inputs in pinned host memory (offload.py), so micro-batches of up
@@ -21,7 +23,8 @@ Generation, eval of padded batches and non-Falcon models fall through to the sto
 """
 from __future__ import annotations
 
-from .fast_paths import norms_in_compute_dtype, patch_falcon_attention, patch_lora_forward, unwrap
+from .fast_paths import (cache_dequantized_weights, compile_layers, norms_in_compute_dtype, patch_falcon_attention,
+                         patch_lora_forward, unwrap)
 
 
 def apply_profile(model, args, plan, tokenizer=None):
@@ -64,6 +67,10 @@ def apply_profile(model, args, plan, tokenizer=None):
         norms_in_compute_dtype(model, residual_fp32="bf16_residual" not in parts)
     if "lora" in parts:
         patch_lora_forward(model)
+    if "weight_cache" in parts:
+        cache_dequantized_weights(model)
+    if "compile" in parts:
+        compile_layers(model)
     if plan.head_chunk:
         _set_head_chunk(plan.head_chunk)
     trainer_kwargs = {}
@@ -107,10 +114,13 @@ def padding_free_collator(tokenizer):
 
 def remove_profile(model) -> None:
     """Undo every patch of apply_profile (the benchmark reuses one base model)."""
+    from .fast_paths import drop_weight_cache, uncompile_layers
     from .offload import remove_offload
     if _HEAD_CHUNK_DEFAULT:
         _set_head_chunk(None)
     remove_offload(model)
+    uncompile_layers(model)
+    drop_weight_cache(model)
     for m in unwrap(model).modules():
         if hasattr(m, "_fq_hook"):
             m._fq_hook.remove()
