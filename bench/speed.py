@@ -282,6 +282,8 @@ def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps
     if err:
         res["error"] = err
     s = state["stamps"]
+    if s:  # model set-up, data and (with compile) the compilation, then the first step
+        res["first_step_s"] = round(s[0][0] - t, 1)
     if warm >= 1 and len(s) > warm:
         dt = s[-1][0] - s[warm - 1][0]
         res["tokens_per_s"] = round((s[-1][1] - s[warm - 1][1]) / dt)
@@ -447,6 +449,17 @@ def main() -> None:
         ("speed_bf16_residual", full, dict(profile="speed", steps=steps_long,
                                            trainer_parts=P.PARTS + ("bf16_residual",))),
         ("memory_2048_16x1", long, dict(profile="memory", steps=steps, max_length=long_len, memory_rows=16)),
+        # levers, each alone and together: the 4-bit weights dequantized once; torch.compile of the decoder layers
+        ("speed_cache", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("weight_cache",))),
+        ("speed_compile", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("compile",))),
+        ("speed_cache_compile", full, dict(profile="speed", steps=steps_long, prof_step=None if tiny else 4,
+                                           trainer_parts=P.PARTS + ("weight_cache", "compile"))),
+        ("memory_compile", full, dict(profile="memory", steps=steps + 2,
+                                      trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
+        ("speed_2048_cache_compile", long, dict(profile="speed", steps=steps, max_length=long_len,
+                                                trainer_parts=P.PARTS + ("weight_cache", "compile"))),
+        ("memory_2048_compile", long, dict(profile="memory", steps=steps, max_length=long_len,
+                                           trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
         ("chat_reference", chat, dict(profile="reference", steps=steps)),
         ("chat_speed", chat, dict(profile="speed", steps=steps)),
         ("chat_speed_packing", chat, dict(profile="speed", steps=steps, packing=True)),
@@ -462,7 +475,9 @@ def main() -> None:
     G = [("reference", dict(profile="reference")), ("speed", dict(profile="speed")),
          ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
          ("split_only", dict(profile="speed", parts=("split",))),
-         ("speed_bf16_residual", dict(profile="speed", trainer_parts=P.PARTS + ("bf16_residual",)))]
+         ("speed_bf16_residual", dict(profile="speed", trainer_parts=P.PARTS + ("bf16_residual",))),
+         ("speed_cache_compile", dict(profile="speed", trainer_parts=P.PARTS + ("weight_cache", "compile"))),
+         ("memory_compile", dict(profile="memory", trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",)))]
     grads = {}
     for prof_name, gkw in G:
         key = f"grads_{prof_name}"

@@ -116,20 +116,31 @@ def test_dequantized_weight_cache_gives_the_4bit_layers_gradients(tiny_falcon_7b
 
 
 @pytest.mark.slow
-def test_compiled_layers_give_the_reference_gradients(tiny_falcon_7b_arch, tmp_path):
-    """torch.compile of each decoder layer (with the speed profile's patches and the weight cache inside; the row
-    segmentation outside) gives the reference path's LoRA gradients, for ragged rows of two different layouts."""
+@pytest.mark.parametrize("profile", ["speed", "memory"])
+def test_compiled_layers_give_the_reference_gradients(tiny_falcon_7b_arch, tmp_path, profile):
+    """torch.compile of each decoder layer (speed: the whole layer, with the weight cache inside; memory: its
+    attention and MLP blocks, inside reentrant checkpointing with offloading) gives the reference path's LoRA
+    gradients, for ragged rows of two different layouts; the row segmentation stays outside the graphs."""
+    from torch._dynamo.utils import counters
+    from falcon_qlora.plan import PROFILE_PARTS
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
     layouts = [_rows(), _rows(seed=1, lengths=(3, 12, 7, 6))]
     ref = [_lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32) for rows in layouts]
-    plan = make_plan(cfg, 10**12, profile="speed", parts=ALL + ("weight_cache", "compile"))
-    P.apply_profile(model, {}, plan)
-    layers = model.get_base_model().transformer.h
-    assert all(layer._compiled_call_impl is not None for layer in layers)
+    extra = ("weight_cache", "compile") if profile == "speed" else ("compile",)
+    plan = make_plan(cfg, 10**12, profile=profile, parts=PROFILE_PARTS[profile] + extra)
+    _, args, _ = P.apply_profile(model, {}, plan)
+    if plan.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args["gradient_checkpointing_kwargs"])
+        model.enable_input_require_grads()
+    compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+    assert len(compiled) == (2 if profile == "speed" else 4)  # 2 layers, or their attention + MLP blocks
+    graphs = counters["stats"]["unique_graphs"]
     for rows, want in zip(layouts, ref):
-        assert _rel_err(_lora_grads(model, rows, padding_free=True, micro_batch=4, dtype=torch.float32), want) < 1e-5
+        assert _rel_err(_lora_grads(model, rows, padding_free=True, micro_batch=plan.micro_batch,
+                                    dtype=torch.float32), want) < 1e-5
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled code ran
     P.remove_profile(model)
-    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert not [m for m in compiled if m._compiled_call_impl is not None]
 
 
 def test_remove_profile_restores_stock_forwards(tiny_falcon_7b_arch, tmp_path):

@@ -70,7 +70,7 @@ def apply_profile(model, args, plan, tokenizer=None):
     if "weight_cache" in parts:
         cache_dequantized_weights(model)
     if "compile" in parts:
-        compile_layers(model)
+        compile_layers(model, plan.checkpointing)
     if plan.head_chunk:
         _set_head_chunk(plan.head_chunk)
     trainer_kwargs = {}
