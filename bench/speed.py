@@ -433,6 +433,13 @@ def main() -> None:
         ("reference", full, dict(profile="reference", steps=steps_long)),
         ("speed", full, dict(profile="speed", steps=steps_long, prof_step=prof)),
         ("memory", full, dict(profile="memory", steps=steps)),
+        # levers, each alone and together: the 4-bit weights dequantized once; torch.compile of the decoder layers
+        ("speed_cache_compile", full, dict(profile="speed", steps=steps_long, prof_step=None if tiny else 2,
+                                           trainer_parts=P.PARTS + ("weight_cache", "compile"))),
+        ("memory_compile", full, dict(profile="memory", steps=steps + 2,
+                                      trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
+        ("speed_cache", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("weight_cache",))),
+        ("speed_compile", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("compile",))),
         # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
         ("memory_16x1", full, dict(profile="memory", steps=steps, memory_rows=16)),
         ("memory_4x4", full, dict(profile="memory", steps=steps, trainer_parts=no_offload)),
@@ -442,24 +449,17 @@ def main() -> None:
                                               args_over={"activation_offloading": True})),
         ("memory_mb8", full, dict(steps=steps, **mem_mb8)),
         # rows of Falcon-7B's whole context (2048 tokens): what each profile gives on long rows
-        ("reference_2048", long, dict(profile="reference", steps=steps, max_length=long_len)),
+        ("reference_2048", long, dict(profile="reference", steps=steps if tiny else 6, max_length=long_len)),
         ("speed_2048", long, dict(profile="speed", steps=steps, max_length=long_len)),
         ("memory_2048", long, dict(profile="memory", steps=steps, max_length=long_len)),
-        # levers, each alone: the residual stream in bf16 (speed); 16 rows per micro-batch at 2048 (memory)
-        ("speed_bf16_residual", full, dict(profile="speed", steps=steps_long,
-                                           trainer_parts=P.PARTS + ("bf16_residual",))),
-        ("memory_2048_16x1", long, dict(profile="memory", steps=steps, max_length=long_len, memory_rows=16)),
-        # levers, each alone and together: the 4-bit weights dequantized once; torch.compile of the decoder layers
-        ("speed_cache", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("weight_cache",))),
-        ("speed_compile", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("compile",))),
-        ("speed_cache_compile", full, dict(profile="speed", steps=steps_long, prof_step=None if tiny else 4,
-                                           trainer_parts=P.PARTS + ("weight_cache", "compile"))),
-        ("memory_compile", full, dict(profile="memory", steps=steps + 2,
-                                      trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
         ("speed_2048_cache_compile", long, dict(profile="speed", steps=steps, max_length=long_len,
                                                 trainer_parts=P.PARTS + ("weight_cache", "compile"))),
         ("memory_2048_compile", long, dict(profile="memory", steps=steps, max_length=long_len,
                                            trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
+        # levers, each alone: the residual stream in bf16 (speed); 16 rows per micro-batch at 2048 (memory)
+        ("speed_bf16_residual", full, dict(profile="speed", steps=steps_long,
+                                           trainer_parts=P.PARTS + ("bf16_residual",))),
+        ("memory_2048_16x1", long, dict(profile="memory", steps=steps, max_length=long_len, memory_rows=16)),
         ("chat_reference", chat, dict(profile="reference", steps=steps)),
         ("chat_speed", chat, dict(profile="speed", steps=steps)),
         ("chat_speed_packing", chat, dict(profile="speed", steps=steps, packing=True)),

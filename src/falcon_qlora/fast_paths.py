@@ -272,6 +272,9 @@ def decoder_layers(model) -> list:
     return []
 
 
+RECOMPILE_LIMIT = 64
+
+
 def compile_layers(model, checkpointing: bool = False) -> int:
     """torch.compile each decoder layer (one compiled code for all of them: the layers share their code), so the
     element-wise work between the GEMMs (norms, dropout, GELU, residual adds, rotary, LoRA's scaling) runs as a
@@ -279,6 +282,9 @@ def compile_layers(model, checkpointing: bool = False) -> int:
     gradient checkpointing the layer's forward is the checkpoint's wrapper, which compiles to nothing: its
     attention and MLP blocks are compiled instead. Returns the number of modules compiled."""
     import torch
+    # the shared code compiles a few variants (layer 0's input needs no gradient, checkpointing's forward runs
+    # without grad, eval, new row layouts); past dynamo's limit (8) it would fall back to eager without a word
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     n = 0
     for layer in decoder_layers(model):
         blocks = [c for c in layer.children() if not isinstance(c, torch.nn.LayerNorm)] if checkpointing else [layer]
