@@ -423,23 +423,24 @@ def main() -> None:
     only = set(filter(None, a.only.split(",")))
     steps_long = 4 if tiny else 20
     steps = 4 if tiny else 8
-    warm = 1 if tiny else 3
-    prof = None if tiny else 1
+    # steps left out of tokens/s: compiled layers compile again when a row layout first changes (steps 2-5 here)
+    warm = 1 if tiny else 6
+    prof = None if tiny else 5  # after the compiled layers' recompiles, inside the warm-up
     from falcon_qlora import plan as P
     mem_mb8 = dict(profile="memory", per_device_train_batch_size=8, gradient_accumulation_steps=2,
                    parts=P.PROFILE_PARTS["memory"] + ("bf16_residual",))
     no_offload = tuple(x for x in P.PROFILE_PARTS["memory"] if x != "offload")
+    eager = tuple(x for x in P.PARTS if x not in ("weight_cache", "compile"))
+    memory_eager = tuple(x for x in P.PROFILE_PARTS["memory"] if x != "compile")
     V = [  # name, rows, kwargs; the ablations last (skipped first if time runs short)
         ("reference", full, dict(profile="reference", steps=steps_long)),
-        ("speed", full, dict(profile="speed", steps=steps_long, prof_step=prof)),
+        ("speed", full, dict(profile="speed", steps=steps_long, prof_step=prof)),  # profiled in the warm-up
         ("memory", full, dict(profile="memory", steps=steps)),
-        # levers, each alone and together: the 4-bit weights dequantized once; torch.compile of the decoder layers
-        ("speed_cache_compile", full, dict(profile="speed", steps=steps_long, prof_step=None if tiny else 2,
-                                           trainer_parts=P.PARTS + ("weight_cache", "compile"))),
-        ("memory_compile", full, dict(profile="memory", steps=steps + 2,
-                                      trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
-        ("speed_cache", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("weight_cache",))),
-        ("speed_compile", full, dict(profile="speed", steps=steps_long, trainer_parts=P.PARTS + ("compile",))),
+        # the last two levers (plan.PARTS: dequantized weights, compiled layers), without, each alone
+        ("speed_eager", full, dict(profile="speed", steps=steps_long, trainer_parts=eager)),
+        ("memory_eager", full, dict(profile="memory", steps=steps, trainer_parts=memory_eager)),
+        ("speed_cache", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("weight_cache",))),
+        ("speed_compile", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("compile",))),
         # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
         ("memory_16x1", full, dict(profile="memory", steps=steps, memory_rows=16)),
         ("memory_4x4", full, dict(profile="memory", steps=steps, trainer_parts=no_offload)),
@@ -452,13 +453,12 @@ def main() -> None:
         ("reference_2048", long, dict(profile="reference", steps=steps if tiny else 6, max_length=long_len)),
         ("speed_2048", long, dict(profile="speed", steps=steps, max_length=long_len)),
         ("memory_2048", long, dict(profile="memory", steps=steps, max_length=long_len)),
-        ("speed_2048_cache_compile", long, dict(profile="speed", steps=steps, max_length=long_len,
-                                                trainer_parts=P.PARTS + ("weight_cache", "compile"))),
-        ("memory_2048_compile", long, dict(profile="memory", steps=steps, max_length=long_len,
-                                           trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",))),
+        ("speed_2048_eager", long, dict(profile="speed", steps=steps, max_length=long_len, trainer_parts=eager)),
+        ("memory_2048_eager", long, dict(profile="memory", steps=steps, max_length=long_len,
+                                         trainer_parts=memory_eager)),
         # levers, each alone: the residual stream in bf16 (speed); 16 rows per micro-batch at 2048 (memory)
         ("speed_bf16_residual", full, dict(profile="speed", steps=steps_long,
-                                           trainer_parts=P.PARTS + ("bf16_residual",))),
+                                           trainer_parts=eager + ("bf16_residual",))),
         ("memory_2048_16x1", long, dict(profile="memory", steps=steps, max_length=long_len, memory_rows=16)),
         ("chat_reference", chat, dict(profile="reference", steps=steps)),
         ("chat_speed", chat, dict(profile="speed", steps=steps)),
@@ -475,9 +475,9 @@ def main() -> None:
     G = [("reference", dict(profile="reference")), ("speed", dict(profile="speed")),
          ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
          ("split_only", dict(profile="speed", parts=("split",))),
-         ("speed_bf16_residual", dict(profile="speed", trainer_parts=P.PARTS + ("bf16_residual",))),
-         ("speed_cache_compile", dict(profile="speed", trainer_parts=P.PARTS + ("weight_cache", "compile"))),
-         ("memory_compile", dict(profile="memory", trainer_parts=P.PROFILE_PARTS["memory"] + ("compile",)))]
+         ("speed_bf16_residual", dict(profile="speed", trainer_parts=eager + ("bf16_residual",))),
+         ("speed_eager", dict(profile="speed", trainer_parts=eager)),
+         ("memory_eager", dict(profile="memory", trainer_parts=memory_eager))]
     grads = {}
     for prof_name, gkw in G:
         key = f"grads_{prof_name}"
@@ -510,7 +510,8 @@ def main() -> None:
             continue
         lengths = chat_len if rows is chat else [long_len] * len(full_len) if kw.get("max_length") else full_len
         try:
-            res, _ = run_variant(name, base, tok, rows, warm=warm, flops_lengths=lengths, peak_tflops=peak, **kw)
+            w = min(warm, max(1, kw.get("steps", steps) - 3))  # at least 3 steps measured
+            res, _ = run_variant(name, base, tok, rows, warm=w, flops_lengths=lengths, peak_tflops=peak, **kw)
         except Exception as err:  # noqa: BLE001 - record and go on: one broken variant must not cost the run
             import traceback
             traceback.print_exc()

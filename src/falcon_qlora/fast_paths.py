@@ -285,6 +285,7 @@ def compile_layers(model, checkpointing: bool = False) -> int:
     # the shared code compiles a few variants (layer 0's input needs no gradient, checkpointing's forward runs
     # without grad, eval, new row layouts); past dynamo's limit (8) it would fall back to eager without a word
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.suppress_errors = True  # a layer that fails to compile runs eagerly, with a warning
     n = 0
     for layer in decoder_layers(model):
         blocks = [c for c in layer.children() if not isinstance(c, torch.nn.LayerNorm)] if checkpointing else [layer]

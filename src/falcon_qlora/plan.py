@@ -24,9 +24,10 @@ PROFILES = ("reference", "speed", "memory")
 #   checkpointed layer inputs in pinned host memory; weight_cache: the 4-bit weights dequantized once (kept only where
 #   the speed split still fits with them); compile: torch.compile of each decoder layer; bf16_residual (benchmark
 #   only): the residual stream in bf16 too.
-PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim")
+PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim", "weight_cache", "compile")
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
-                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload")}
+                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload", "compile")}
+COMPILE_CAPABILITY = (8, 0)  # compile is measured on Hopper; Triton's bf16 kernels want Ampere or newer
 MEMORY_ROWS = 8      # rows per micro-batch of the memory profile (with offloading; measured in bench/RESULTS.md)
 HEAD_CHUNK = 8192    # vocabulary columns per tile of TRL's fused LM head in the memory profile (TRL: 32768)
 AUTO_MIN_ROWS = 4    # auto takes speed when at least this many rows per micro-batch fit without checkpointing
@@ -105,16 +106,15 @@ def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | No
         import torch
         free_bytes = torch.cuda.mem_get_info()[0]
     profile, reason, speed_rows = _choose_profile(cfg, profile or cfg.profile, rows, free_bytes, device)
-    parts = tuple(PROFILE_PARTS[profile] if parts is None else parts)
+    if parts is None:
+        parts = tuple(p for p in PROFILE_PARTS[profile] if p != "compile" or compiles(device))
+    parts = tuple(parts)
     split = (per_device, accumulation, cfg.gradient_checkpointing, False)
     if profile == "speed" and "split" in parts:
         if speed_rows is None:
             speed_rows = speed_micro_batch(cfg, rows, free_bytes, parts) if free_bytes else 0
         if speed_rows:
             split = (speed_rows, rows // speed_rows, False, False)
-            if "weight_cache" in parts and free_bytes and not _fits(cfg, *split, parts, free_bytes):
-                parts = tuple(p for p in parts if p != "weight_cache")
-                reason += "; no room for the dequantized weights beside this micro-batch: dequantized each step"
         elif free_bytes:
             reason += f"; no micro-batch fits {free_bytes / GiB:.0f} GiB free without checkpointing: the config's split"
     elif profile == "memory" and "split" in parts:
@@ -128,6 +128,12 @@ def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | No
             split = (per_device, accumulation, True, False)
     elif profile != "reference":
         split = (per_device, accumulation, cfg.gradient_checkpointing, "offload" in parts)
+    if "weight_cache" in parts:  # only beside a split planned for known free GPU memory, and where it still fits
+        planned = device == "cuda" and free_bytes and not split[2]
+        if not (planned and _fits(cfg, *split, parts, free_bytes)):
+            parts = tuple(p for p in parts if p != "weight_cache")
+            if planned:
+                reason += "; no room for the dequantized weights beside this micro-batch: dequantized each step"
     return _plan(cfg, profile, reason, *split, parts, device, n, free_bytes)
 
 
@@ -199,6 +205,21 @@ def memory_micro_batch(cfg: RunConfig, rows: int, free_bytes: int | None, parts=
         if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
             return mb
     return 0
+
+
+def compiles(device: str) -> bool:
+    """Whether the profiles compile their decoder layers here: a GPU of COMPILE_CAPABILITY or newer with Triton
+    (a T4, a CPU, or an assumed GPU on a machine without one keep the eager layers)."""
+    if device != "cuda" or not _cuda():
+        return False
+    import torch
+    if torch.cuda.get_device_capability() < COMPILE_CAPABILITY:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def with_split(plan: RunPlan, micro_batch: int, accumulation: int, checkpointing: bool, offload: bool) -> RunPlan:
