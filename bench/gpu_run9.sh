@@ -1,5 +1,6 @@
 #!/bin/bash
 # Run 9 on the H200 device machine: the weight-cache and compile levers, the 7B start-up, then the whole suite.
+# (Run 9 itself ran at 0cd151a, where the variants had the names that bench/RESULTS.md maps to these.)
 #   call 1 (carry .whl .gg): bash bench/gpu_run9.sh prep   -> wheels (gpu_suite.sh prep), the C compiler that
 #                                                              Triton needs, the random Falcon-7B, its start-up
 #   call 2:                  bash bench/gpu_run9.sh 512    -> the levers at 512-token rows, same-run reference
@@ -17,10 +18,10 @@ prep)
   python3 bench/startup_7b.py --model-dir $M --json $OUT/startup_7b.json --work-dir /tmp/startup 2>&1 | tail -40 ;;
 512)
   timeout ${LIMIT_S:-560} python3 bench/speed.py --out $OUT/run9_512 --no-ceilings --budget-s ${BUDGET:-380} \
-    --model-dir $M --only grads_reference,grads_speed_cache_compile,reference,speed,memory,speed_cache_compile,memory_compile,speed_cache,speed_compile \
+    --model-dir $M --only grads_reference,grads_speed_compiled,reference,speed_eager,memory_compiled,speed,speed_compiled,speed_eager_compiled \
     2>&1 | grep -v Warning | tail -40 ;;
 2048)
   timeout ${LIMIT_S:-560} python3 bench/speed.py --out $OUT/run9_2048 --no-ceilings --budget-s ${BUDGET:-300} \
-    --model-dir $M --only grads_reference,grads_memory_compile,reference_2048,memory_2048,memory_2048_compile,speed_2048_cache_compile \
+    --model-dir $M --only grads_reference,grads_memory_compiled,reference_2048,memory_2048,memory_2048_compiled,speed_2048_compiled,speed_2048 \
     2>&1 | grep -v Warning | tail -30 ;;
 esac

@@ -431,16 +431,16 @@ def main() -> None:
                    parts=P.PROFILE_PARTS["memory"] + ("bf16_residual",))
     no_offload = tuple(x for x in P.PROFILE_PARTS["memory"] if x != "offload")
     eager = tuple(x for x in P.PARTS if x not in ("weight_cache", "compile"))
-    memory_eager = tuple(x for x in P.PROFILE_PARTS["memory"] if x != "compile")
     V = [  # name, rows, kwargs; the ablations last (skipped first if time runs short)
         ("reference", full, dict(profile="reference", steps=steps_long)),
         ("speed", full, dict(profile="speed", steps=steps_long, prof_step=prof)),  # profiled in the warm-up
         ("memory", full, dict(profile="memory", steps=steps)),
-        # the last two levers (plan.PARTS: dequantized weights, compiled layers), without, each alone
+        # the last two levers: compiled layers (compile_layers=on; auto compiles runs of 1,000 steps and more), and
+        # the dequantized weights (in the speed profile where they fit) left out
+        ("speed_compiled", full, dict(profile="speed", steps=steps_long, compile_layers="on")),
+        ("memory_compiled", full, dict(profile="memory", steps=steps, compile_layers="on")),
         ("speed_eager", full, dict(profile="speed", steps=steps_long, trainer_parts=eager)),
-        ("memory_eager", full, dict(profile="memory", steps=steps, trainer_parts=memory_eager)),
-        ("speed_cache", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("weight_cache",))),
-        ("speed_compile", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("compile",))),
+        ("speed_eager_compiled", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("compile",))),
         # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
         ("memory_16x1", full, dict(profile="memory", steps=steps, memory_rows=16)),
         ("memory_4x4", full, dict(profile="memory", steps=steps, trainer_parts=no_offload)),
@@ -453,9 +453,9 @@ def main() -> None:
         ("reference_2048", long, dict(profile="reference", steps=steps if tiny else 6, max_length=long_len)),
         ("speed_2048", long, dict(profile="speed", steps=steps, max_length=long_len)),
         ("memory_2048", long, dict(profile="memory", steps=steps, max_length=long_len)),
-        ("speed_2048_eager", long, dict(profile="speed", steps=steps, max_length=long_len, trainer_parts=eager)),
-        ("memory_2048_eager", long, dict(profile="memory", steps=steps, max_length=long_len,
-                                         trainer_parts=memory_eager)),
+        ("speed_2048_compiled", long, dict(profile="speed", steps=steps, max_length=long_len, compile_layers="on")),
+        ("memory_2048_compiled", long, dict(profile="memory", steps=steps, max_length=long_len,
+                                            compile_layers="on")),
         # levers, each alone: the residual stream in bf16 (speed); 16 rows per micro-batch at 2048 (memory)
         ("speed_bf16_residual", full, dict(profile="speed", steps=steps_long,
                                            trainer_parts=eager + ("bf16_residual",))),
@@ -476,8 +476,8 @@ def main() -> None:
          ("memory", dict(profile="memory")), ("memory_mb8", mem_mb8),
          ("split_only", dict(profile="speed", parts=("split",))),
          ("speed_bf16_residual", dict(profile="speed", trainer_parts=eager + ("bf16_residual",))),
-         ("speed_eager", dict(profile="speed", trainer_parts=eager)),
-         ("memory_eager", dict(profile="memory", trainer_parts=memory_eager))]
+         ("speed_compiled", dict(profile="speed", compile_layers="on")),
+         ("memory_compiled", dict(profile="memory", compile_layers="on"))]
     grads = {}
     for prof_name, gkw in G:
         key = f"grads_{prof_name}"

@@ -178,15 +178,22 @@ def test_weight_cache_is_kept_only_where_the_speed_split_still_fits():
 
 
 def test_the_layers_compile_only_where_it_was_measured_to_pay(monkeypatch):
-    """compile is part of both profiles on a GPU of compute capability 8.0 or newer with Triton; a T4, a CPU, or an
-    assumed GPU on a machine without one keep the eager layers. The dequantized weights never go to a CPU."""
-    cfg = load_config("reference")
+    """compile_layers=auto compiles the layers of both profiles on a GPU of compute capability 8.0+ with Triton, for
+    runs long enough to pay the compiling back (P.COMPILE_MIN_STEPS); on/off decide it everywhere. The dequantized
+    weights never go to a CPU."""
+    long_run, recipe = (load_config("reference", max_steps=n) for n in (P.COMPILE_MIN_STEPS, 500))
     monkeypatch.setattr(P, "compiles", lambda device: device == "cuda")
-    assert "compile" in P.make_plan(cfg, H200_FREE, device="cuda").parts
-    assert "compile" in P.make_plan(cfg, T4_FREE, device="cuda").parts
-    monkeypatch.setattr(P, "compiles", lambda device: False)
-    assert "compile" not in P.make_plan(cfg, H200_FREE, device="cuda").parts
+    assert "compile" in P.make_plan(long_run, H200_FREE, device="cuda").parts
+    assert "compile" in P.make_plan(long_run, T4_FREE, device="cuda").parts  # memory
+    assert "compile" not in P.make_plan(recipe, H200_FREE, device="cuda").parts
+    on = load_config("reference", compile_layers="on")
+    assert "compile" in P.make_plan(on, H200_FREE, device="cuda").parts
+    monkeypatch.setattr(P, "compiles", lambda device: False)  # a T4, or no Triton
+    assert "compile" not in P.make_plan(long_run, H200_FREE, device="cuda").parts
+    off = load_config("reference", max_steps=10**4, compile_layers="off")
+    monkeypatch.setattr(P, "compiles", lambda device: True)
+    assert "compile" not in P.make_plan(off, H200_FREE, device="cuda").parts
     monkeypatch.undo()
-    cpu = P.make_plan(cfg, device="cpu", profile="speed")
+    cpu = P.make_plan(long_run, device="cpu", profile="speed")
     assert "compile" not in cpu.parts and "weight_cache" not in cpu.parts
     assert P.compiles("cpu") is False

@@ -91,6 +91,10 @@ class RunConfig:
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (less memory, ~1.3x the time).")
     profile: Literal["auto", "reference", "speed", "memory"] = _f(
         "auto", "Speed/memory profile; none changes what is learned. auto: speed where memory allows.")
+    compile_layers: Literal["auto", "on", "off"] = _f(
+        "auto", "torch.compile the decoder layers in the speed/memory profiles (same math, fused kernels; 12-26% "
+        "faster steps on an H200 after 20-70 s of compiling). auto: on GPUs of compute capability 8.0+ with "
+        "Triton, for runs of at least 1,000 steps.")
     save_steps: int = _f(10, "Checkpoint every N steps.")
     save_total_limit: Optional[int] = _f(3, "Keep at most N checkpoints (None: all; each is ~1.5 GB for Falcon-7B r=64 with optimizer state).")
     logging_steps: int = _f(10, "Log loss every N steps.")

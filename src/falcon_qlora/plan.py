@@ -28,6 +28,10 @@ PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim", "weight
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
                  "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload", "compile")}
 COMPILE_CAPABILITY = (8, 0)  # compile is measured on Hopper; Triton's bf16 kernels want Ampere or newer
+# compile_layers=auto compiles runs of at least this many steps. On the H200 the layers compile in ~20 s, and again
+# (~20-40 s) when a new row layout first arrives; speed then gains 0.07 s per 512-token step over its eager layers
+# and breaks even near 1,000 steps (memory gains 0.24 s per step). bench/NOTES.md rows 12-14.
+COMPILE_MIN_STEPS = 1000
 MEMORY_ROWS = 8      # rows per micro-batch of the memory profile (with offloading; measured in bench/RESULTS.md)
 HEAD_CHUNK = 8192    # vocabulary columns per tile of TRL's fused LM head in the memory profile (TRL: 32768)
 AUTO_MIN_ROWS = 4    # auto takes speed when at least this many rows per micro-batch fit without checkpointing
@@ -107,7 +111,7 @@ def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | No
         free_bytes = torch.cuda.mem_get_info()[0]
     profile, reason, speed_rows = _choose_profile(cfg, profile or cfg.profile, rows, free_bytes, device)
     if parts is None:
-        parts = tuple(p for p in PROFILE_PARTS[profile] if p != "compile" or compiles(device))
+        parts = tuple(p for p in PROFILE_PARTS[profile] if p != "compile" or _compile_wanted(cfg, device))
     parts = tuple(parts)
     split = (per_device, accumulation, cfg.gradient_checkpointing, False)
     if profile == "speed" and "split" in parts:
@@ -205,6 +209,12 @@ def memory_micro_batch(cfg: RunConfig, rows: int, free_bytes: int | None, parts=
         if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
             return mb
     return 0
+
+
+def _compile_wanted(cfg: RunConfig, device: str) -> bool:
+    if cfg.compile_layers != "auto":
+        return cfg.compile_layers == "on"
+    return cfg.max_steps >= COMPILE_MIN_STEPS and compiles(device)
 
 
 def compiles(device: str) -> bool:
