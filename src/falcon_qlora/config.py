@@ -92,7 +92,7 @@ class RunConfig:
     profile: Literal["auto", "reference", "speed", "memory"] = _f(
         "auto", "Speed/memory profile; none changes what is learned. auto: speed where memory allows.")
     compile_layers: Literal["auto", "on", "off"] = _f(
-        "auto", "torch.compile the decoder layers in the speed/memory profiles (same math, fused kernels; 12-26% "
+        "auto", "torch.compile the decoder layers in the speed/memory profiles (same math, fused kernels; 12-26 percent "
         "faster steps on an H200 after 20-70 s of compiling). auto: on GPUs of compute capability 8.0+ with "
         "Triton, for runs of at least 1,000 steps.")
     save_steps: int = _f(10, "Checkpoint every N steps.")

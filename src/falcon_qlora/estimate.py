@@ -62,6 +62,8 @@ def render(est: dict, cfg: RunConfig, table: list[dict] | None = None) -> str:
         f"{est['accumulation']} accumulation, checkpointing {ckpt}"
         + (", offloading layer inputs to host memory" if est["offload"] else ""),
         f"  base weights                {g(est['weights_bytes'])}",
+        *([f"  dequantized weights (bf16)  {g(est['weight_cache_bytes'])}   (speed: dequantized once, not each step)"]
+          if est.get("weight_cache_bytes") else []),
         f"  LoRA weights (fp32)         {g(est['lora_bytes'])}",
         f"  gradients (fp32)            {g(est['grad_bytes'])}",
         f"  optimizer state ({est['optim']}) {g(est['optimizer_bytes'])}{paged}",

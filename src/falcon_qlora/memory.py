@@ -149,14 +149,14 @@ def peak(cfg: RunConfig, plan) -> dict:
         base = linear_params * d
     weights = base + (sh["params"] - linear_params) * d
     cached = cfg.load_in_4bit and "weight_cache" in parts  # fast_paths.cache_dequantized_weights
-    weights += linear_params * d if cached else 0
+    cache = linear_params * d if cached else 0
     lora = lora_params(cfg, sh)
     paged = cuda and "paged" in p.optim  # bitsandbytes' paged states: unified memory, not torch's allocator
     lora_b, grads, optim = 4 * lora, 4 * lora, int(optimizer_bytes_per_param(p.optim) * lora)
     # Trainer sets gradients to None after each optimizer step: without accumulation they are born in backward, layer
     # by layer as the layers' activations die; none exist yet at the loss head, nearly all at layer 0's backward
     held_grads = grads if p.accumulation > 1 else 0
-    static = weights + lora_b + held_grads + (0 if paged else optim)
+    static = weights + cache + lora_b + held_grads + (0 if paged else optim)
 
     mask_len = T if "padding_free" in parts and not falcon else None  # one mask over the rows laid end to end
     layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res, mask_len) * T
@@ -182,7 +182,7 @@ def peak(cfg: RunConfig, plan) -> dict:
     workspaces = CUBLAS_THREADS * cublas_workspace_bytes(_capability()) if cuda else 0
     activations = inputs + workspaces + max(kept + loss_phase, max(kept, grads - held_grads) + layer_phase)
     return dict(compute_bytes=d, params=sh["params"], quantized_params=linear_params if cfg.load_in_4bit else 0,
-                lora_params=lora, weights_bytes=weights, lora_bytes=lora_b, grad_bytes=grads, optimizer_bytes=optim,
+                lora_params=lora, weights_bytes=weights, weight_cache_bytes=cache, lora_bytes=lora_b, grad_bytes=grads, optimizer_bytes=optim,
                 optimizer_paged=paged, activation_bytes=activations, peak_bytes=static + activations,
                 host_bytes=host, tokens_per_micro_batch=T, layer_activation_bytes=layer)
 
