@@ -165,19 +165,27 @@ def test_reference_profile_changes_nothing(tiny_falcon_7b_arch, tmp_path):
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
 
-@pytest.mark.parametrize("profile,split", [("speed", (2, 2)), ("memory", (1, 4))])
-def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path, profile, split):
+@pytest.mark.parametrize("profile,split,compiled", [("speed", (2, 2), "off"), ("memory", (1, 4), "off"),
+                                                    pytest.param("speed", (2, 2), "on", marks=pytest.mark.slow)])
+def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path, profile, split,
+                                                      compiled):
     """Through falcon_qlora.train (the package's path: TRL collator, fused LM head, Trainer's accumulation), each
     profile's per-step losses are the reference profile's; memory also takes bigger micro-batches (4 x 1 here) with
-    its layer inputs offloaded under reentrant checkpointing."""
+    its layer inputs offloaded under reentrant checkpointing; compile_layers=on compiles the layers for the run and
+    train() hands them back uncompiled."""
+    from torch._dynamo.utils import counters
     from falcon_qlora.train import train
     losses = {}
+    graphs = counters["stats"]["unique_graphs"]
     for p in ("reference", profile):
         cfg = load_config(None, **tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / p, max_steps=3,
                                                  save_steps=100, eval_split=None, profile=p,
                                                  per_device_train_batch_size=split[0],
-                                                 gradient_accumulation_steps=split[1]))
-        losses[p] = [x["loss"] for x in train(cfg).log_history if "loss" in x]
+                                                 gradient_accumulation_steps=split[1], compile_layers=compiled))
+        result = train(cfg)
+        losses[p] = [x["loss"] for x in result.log_history if "loss" in x]
+        assert not [m for m in result.model.modules() if m._compiled_call_impl is not None]
+    assert (counters["stats"]["unique_graphs"] > graphs) == (compiled == "on")
     assert len(losses[profile]) == 3
     assert losses[profile] == pytest.approx(losses["reference"], rel=1e-4)
 
