@@ -260,11 +260,16 @@ def drop_weight_cache(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------- compiled layers
+def decoder_stack(model):
+    """The decoder stack (FalconModel, LlamaModel, ...) under a PeftModel / *ForCausalLM."""
+    base = unwrap(model)
+    return getattr(base, "base_model", base)
+
+
 def decoder_layers(model) -> list:
     """The decoder layers (FalconDecoderLayer, LlamaDecoderLayer, ...): the blocks repeated layers times."""
     import torch
-    stack = unwrap(model)
-    stack = getattr(stack, "transformer", None) or getattr(stack, "model", None) or stack
+    stack = decoder_stack(model)
     for name in ("h", "layers"):
         layers = getattr(stack, name, None)
         if isinstance(layers, torch.nn.ModuleList):

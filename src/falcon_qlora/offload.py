@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import types
 
+from .fast_paths import decoder_stack
+
 MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are: a copy would cost more than it frees
 
 
@@ -111,15 +113,9 @@ class HostOffload:
             p = p.prev
 
 
-def _stack(model):
-    """The decoder stack (FalconModel, LlamaModel, ...) under a PeftModel / *ForCausalLM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "base_model", base)
-
-
 def offload_layer_inputs(model, min_bytes: int = MIN_BYTES) -> HostOffload:
     """Run the decoder stack's training forwards under HostOffload's hooks. Returns the hooks (for their counters)."""
-    stack = _stack(model)
+    stack = decoder_stack(model)
     if "forward" in stack.__dict__ and hasattr(stack, "_fq_offload"):
         return stack._fq_offload
     stack._fq_offload = HostOffload(min_bytes)
@@ -142,7 +138,7 @@ _offloaded_forward._fq_patched = True
 
 
 def remove_offload(model) -> None:
-    stack = _stack(model)
+    stack = decoder_stack(model)
     if getattr(stack.__dict__.get("forward"), "_fq_patched", False):
         del stack.forward
     stack.__dict__.pop("_fq_offload", None)
