@@ -20,8 +20,8 @@ MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are: a copy would c
 
 
 class _Packed:
-    """One saved tensor in host memory: `done` marks its copy there; `gpu`/`ready` a copy back already on its way;
-    `prev` the tensor saved before it (backward wants it next)."""
+    """One saved tensor in host memory: `done` marks its copy there (None: a CPU run's plain copy); `gpu`/`ready` a
+    copy back already on its way; `prev` the tensor saved before it (backward wants it next)."""
     __slots__ = ("device", "host", "done", "prev", "gpu", "ready", "used")
 
     def __init__(self, device, host, done, prev):
@@ -51,7 +51,7 @@ class HostOffload:
         self.packed += 1
         self.packed_bytes += nbytes
         if t.device.type != "cuda":
-            return t.device, t.detach().clone(), None
+            return _Packed(t.device, t.detach().clone(), None, None)
         compute = torch.cuda.current_stream(t.device)
         side = self._side(t.device)
         side.wait_stream(compute)  # the tensor is complete before it is copied
@@ -68,9 +68,8 @@ class HostOffload:
         import torch
         if isinstance(packed, torch.Tensor):
             return packed
-        if isinstance(packed, tuple):  # a CPU run's plain copy
-            device, host, _ = packed
-            return host.to(device)
+        if packed.done is None:  # a CPU run's plain copy
+            return packed.host.to(packed.device)
         compute = torch.cuda.current_stream(packed.device)
         if packed.gpu is None:
             self._fetch(packed)
