@@ -134,7 +134,7 @@ def make_plan(cfg: RunConfig, free_bytes: int | None = None, processes: int | No
         split = (per_device, accumulation, cfg.gradient_checkpointing, "offload" in parts)
     if "weight_cache" in parts:  # only beside a split planned for known free GPU memory, and where it still fits
         planned = device == "cuda" and free_bytes and not split[2]
-        if not (planned and _fits(cfg, *split, parts, free_bytes)):
+        if not (planned and _fits(cfg, "speed", *split, parts, free_bytes)):
             parts = tuple(p for p in parts if p != "weight_cache")
             if planned:
                 reason += "; no room for the dequantized weights beside this micro-batch: dequantized each step"
@@ -185,14 +185,15 @@ def speed_micro_batch(cfg: RunConfig, rows: int, free_bytes: int, parts=PARTS) -
     times MARGIN fits in free_bytes; 0 if none does. Rows per micro-batch come first: the dequantized-weight cache
     is costed after (make_plan), since fewer launches gain more than it does."""
     parts = tuple(p for p in parts if p != "weight_cache")
-    return next((mb for mb in _divisors(rows) if _fits(cfg, mb, rows // mb, False, False, parts, free_bytes)), 0)
+    return next((mb for mb in _divisors(rows)
+                 if _fits(cfg, "speed", mb, rows // mb, False, False, parts, free_bytes)), 0)
 
 
-def _fits(cfg: RunConfig, micro_batch: int, accumulation: int, checkpointing: bool, offload: bool, parts: tuple,
-          free_bytes: int) -> bool:
-    """The speed split's estimated peak, times MARGIN, fits in free_bytes."""
+def _fits(cfg: RunConfig, profile: str, micro_batch: int, accumulation: int, checkpointing: bool, offload: bool,
+          parts: tuple, free_bytes: int) -> bool:
+    """The split's estimated peak (memory.peak) on a GPU, times MARGIN, fits in free_bytes."""
     from .memory import peak
-    candidate = _plan(cfg, "speed", "", micro_batch, accumulation, checkpointing, offload, tuple(parts), "cuda")
+    candidate = _plan(cfg, profile, "", micro_batch, accumulation, checkpointing, offload, tuple(parts), "cuda")
     return peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes
 
 
@@ -200,15 +201,10 @@ def memory_micro_batch(cfg: RunConfig, rows: int, free_bytes: int | None, parts=
     """The memory profile's rows per micro-batch: the largest divisor of `rows` up to MEMORY_ROWS (the fastest
     measured within the reference's memory) whose peak, checkpointed and offloaded, times MARGIN fits free_bytes
     (long rows on a small GPU take fewer); MEMORY_ROWS's divisor when the free memory is not known; 0 if none fits."""
-    from .memory import peak
     sizes = [m for m in _divisors(rows) if m <= MEMORY_ROWS]
     if not free_bytes:
         return sizes[0]
-    for mb in sizes:
-        candidate = _plan(cfg, "memory", "", mb, rows // mb, True, True, tuple(parts), "cuda")
-        if peak(cfg, candidate)["peak_bytes"] * MARGIN <= free_bytes:
-            return mb
-    return 0
+    return next((mb for mb in sizes if _fits(cfg, "memory", mb, rows // mb, True, True, parts, free_bytes)), 0)
 
 
 def _compile_wanted(cfg: RunConfig, device: str) -> bool:
