@@ -178,7 +178,8 @@ def test_speed_profile_peak_on_cpu(wide_falcon, long_rows, tmp_path):
     ref = estimate(cfg, device=_device(), profile="reference")
     print(f"speed: estimated {est['peak_bytes']:,} (reference path {ref['peak_bytes']:,}) measured {measured:,} "
           f"ratio {est['peak_bytes'] / measured:.3f}")
-    assert est["profile"] == "speed" and est["peak_bytes"] < ref["peak_bytes"]
+    # on a GPU with room the plan adds the dequantized weights (memory for speed): the rest is below the reference
+    assert est["profile"] == "speed" and est["peak_bytes"] - est["weight_cache_bytes"] < ref["peak_bytes"]
     assert abs(est["peak_bytes"] / measured - 1) < 0.15, (est, measured)
 
 
