@@ -192,7 +192,16 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
                 kern = [e for e in ka if e.device_type == DeviceType.CUDA]
                 tot = sum(e.self_device_time_total for e in kern)
                 top = sorted(kern, key=lambda e: -e.self_device_time_total)[:30]
+                kinds = {}  # kernel time by kind: GEMMs, attention, dropout, other element-wise, copies
+                for e in kern:
+                    k = e.key.lower()
+                    kind = ("gemm" if any(x in k for x in ("nvjet", "gemm", "cutlass", "sm90_xmma")) else
+                            "attention" if any(x in k for x in ("sdpa", "flash", "fmha")) else
+                            "dropout" if "dropout" in k else "copy" if "memcpy" in k or "copy" in k else
+                            "triton" if k.startswith("triton") else "other")
+                    kinds[kind] = kinds.get(kind, 0) + e.self_device_time_total
                 state["profile"] = {"kernel_ms_per_step": round(tot / 1e3, 1), "wall_ms": round(wall * 1e3, 1),
+                                    "kernel_ms_by_kind": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items())},
                                     "top_kernels": [
                     [round(e.self_device_time_total / 1e3, 2), round(100 * e.self_device_time_total / tot, 1),
                      e.count, e.key[:120]] for e in top]}
@@ -214,11 +223,26 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
 
 def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps=8, warm=3, prof_step=None,
                 grab_grads=False, randomize_b=False, flops_lengths=None, peak_tflops=None, trainer_parts=None,
-                memory_rows=None, args_over=None, **over):
+                memory_rows=None, args_over=None, fast_paths_over=None, **over):
     """One training run through the package's path on the shared 4-bit base; the base is restored afterwards.
     parts: an ablation through TRL's plain SFTTrainer. trainer_parts / memory_rows: `falcon-qlora train`'s trainer
     (build_trainer) with plan.PROFILE_PARTS[profile] / the memory profile's rows per micro-batch replaced.
-    args_over: SFTConfig fields set after the profile (ablations only)."""
+    args_over: SFTConfig fields set after the profile (ablations only). fast_paths_over: falcon_qlora.fast_paths
+    module settings for this variant only (e.g. ATEN_DROPOUT)."""
+    from falcon_qlora import fast_paths
+    saved = {k: getattr(fast_paths, k) for k in (fast_paths_over or {})}
+    for k, v in (fast_paths_over or {}).items():
+        setattr(fast_paths, k, v)
+    try:
+        return _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, grab_grads, randomize_b,
+                            flops_lengths, peak_tflops, trainer_parts, memory_rows, args_over, over)
+    finally:
+        for k, v in saved.items():
+            setattr(fast_paths, k, v)
+
+
+def _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, grab_grads, randomize_b,
+                 flops_lengths, peak_tflops, trainer_parts, memory_rows, args_over, over):
     from datasets import Dataset
     from transformers.trainer_utils import set_seed
     from trl import SFTTrainer
@@ -439,6 +463,13 @@ def main() -> None:
         # the dequantized weights (in the speed profile where they fit) left out
         ("speed_compiled", full, dict(profile="speed", steps=steps_long, compile_layers="on")),
         ("memory_compiled", full, dict(profile="memory", steps=steps, compile_layers="on")),
+        # LoRA dropout in the compiled layers through inductor's own random numbers instead of aten's kernel
+        ("speed_compiled_inductor_dropout", full, dict(profile="speed", steps=steps_long, compile_layers="on",
+                                                       fast_paths_over={"ATEN_DROPOUT": False})),
+        ("memory_compiled_inductor_dropout", full, dict(profile="memory", steps=steps, compile_layers="on",
+                                                        fast_paths_over={"ATEN_DROPOUT": False})),
+        # the compiled speed profile's kernels in one steady-state step (its tokens/s carry the profiler's cost)
+        ("speed_compiled_profiled", full, dict(profile="speed", steps=12, compile_layers="on", prof_step=10)),
         ("speed_eager", full, dict(profile="speed", steps=steps_long, trainer_parts=eager)),
         ("speed_eager_compiled", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("compile",))),
         # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
@@ -522,10 +553,12 @@ def main() -> None:
         RESULTS["variants"][name] = res
         save()
     v = RESULTS["variants"]
-    if "losses" in v.get("reference", {}) and "losses" in v.get("speed", {}):
-        a_, b_ = v["reference"]["losses"], v["speed"]["losses"]
-        RESULTS["loss_check"] = {"steps": min(len(a_), len(b_)),
-                                 "max_rel_diff": round(max(abs(x - y) / abs(x) for x, y in zip(a_, b_)), 5)}
+    ref_losses = v.get("reference", {}).get("losses")
+    if ref_losses:  # each variant on the reference's rows and steps: its losses against the reference's
+        RESULTS["loss_check"] = {
+            k: {"steps": len(r["losses"]),
+                "max_rel_diff": round(max(abs(x - y) / abs(x) for x, y in zip(ref_losses, r["losses"])), 5)}
+            for k, r in v.items() if k != "reference" and len(r.get("losses") or []) == len(ref_losses)}
     save()
     print_table()
 

@@ -209,7 +209,7 @@ def _lora_forward(self, x, *args, **kwargs):
     lora_a, lora_b = self.lora_A[a], self.lora_B[a]
     result = self.base_layer(x)
     autocast = torch.is_autocast_enabled(x.device.type)
-    h = lora_a(self.lora_dropout[a](x if autocast else x.to(lora_a.weight.dtype)))
+    h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
     with torch.autocast(x.device.type, enabled=False):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
                           lora_b.weight.to(result.dtype).t(), alpha=self.scaling[a])
@@ -217,6 +217,52 @@ def _lora_forward(self, x, *args, **kwargs):
 
 
 _lora_forward._fq_patched = True
+
+
+ATEN_DROPOUT = True  # in compiled layers, LoRA dropout through aten's kernel (False: inductor's own, for the bench)
+
+
+def _dropout(module, x):
+    """LoRA's dropout. Inside torch.compile it runs as aten's dropout, an op the graph keeps whole: inductor's own
+    lowering draws every random number with a Philox call of its own, which on an H200 costs more than the rest of
+    the fused element-wise work (bench/NOTES.md), and its masks differ from eager ones. aten's kernel draws the same
+    masks compiled or not, from the same seed, and checkpointing's recompute replays them."""
+    import torch
+    if (ATEN_DROPOUT and torch.compiler.is_compiling() and type(module) is torch.nn.Dropout and module.training
+            and 0 < module.p < 1):
+        return _aten_dropout()(x, module.p)[0]
+    return module(x)
+
+
+_DROPOUT_OP: list = []
+
+
+def _aten_dropout():
+    """falcon_qlora::dropout(x, p) -> (x * mask / (1 - p), mask): torch.ops.aten.native_dropout as a custom op
+    (opaque to inductor), with its backward (grad * mask / (1 - p)) for autograd. Registered once per process."""
+    if _DROPOUT_OP:
+        return _DROPOUT_OP[0]
+    import torch
+
+    @torch.library.custom_op("falcon_qlora::dropout", mutates_args=(), schema="(Tensor x, float p) -> (Tensor, Tensor)")
+    def dropout(x, p):
+        return torch.ops.aten.native_dropout(x, p, True)
+
+    @dropout.register_fake
+    def _(x, p):
+        return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+    def setup_context(ctx, inputs, output):
+        ctx.scale = 1.0 / (1.0 - inputs[1])
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
+
+    dropout.register_autograd(backward, setup_context=setup_context)
+    _DROPOUT_OP.append(dropout)
+    return dropout
 
 
 # ----------------------------------------------------------------------------------------- dequantized weights
@@ -291,6 +337,7 @@ def compile_layers(model, checkpointing: bool = False) -> int:
     # without grad, eval, new row layouts); past dynamo's limit (8) it would fall back to eager without a word
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.suppress_errors = True  # a layer that fails to compile runs eagerly, with a warning
+    _aten_dropout()  # registered before tracing
     n = 0
     for layer in decoder_layers(model):
         blocks = [c for c in layer.children() if not isinstance(c, torch.nn.LayerNorm)] if checkpointing else [layer]
