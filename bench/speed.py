@@ -159,17 +159,50 @@ def ceilings() -> dict:
 
 # ------------------------------------------------------------------------------------------------ FLOPs
 from falcon_qlora.throughput import flops_per_token  # noqa: E402  (the figure every `train` run logs its MFU with)
+from falcon_qlora.throughput import peak_tflops as peak_tflops_spec  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ one variant
+TRACE_DIR = None  # where profiled variants write their chrome trace (main sets it to --out)
+
+
+def gpu_idle(events, wall_ms: float) -> dict:
+    """When the GPU ran nothing inside one profiled step: the union of its kernel and copy intervals against the
+    step's wall time, and the longest gaps with the kernels on either side (what the GPU waited between)."""
+    from torch.autograd import DeviceType
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA)
+    busy, gaps = 0.0, []
+    start, end, last = ks[0][0], ks[0][1], ks[0][2]
+    for s, e, name in ks[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, last, name))
+            start, end = s, e
+        elif e > end:
+            end = e
+        if e >= end:
+            last = name
+    busy += end - start
+    span = ks[-1][1] - ks[0][0]
+    gaps.sort(reverse=True)
+    return {"wall_ms": round(wall_ms, 1), "kernel_span_ms": round(span / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
+            "idle_in_span_ms": round((span - busy) / 1e3, 1),
+            "idle_in_gaps_over_50us_ms": round(sum(g for g, _, _ in gaps if g > 50) / 1e3, 1),
+            "gaps": len(gaps), "longest": [[round(g / 1e3, 2), a[:70], b[:70]] for g, a, b in gaps[:15]]}
+
+
 def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
+        """Step ends as CUDA events, read after training: a host sync per step would stall the GPU between steps,
+        which `falcon-qlora train` never does (it reads the loss only every logging step)."""
         def on_step_end(self, args, st, control, **k):
+            ev = None
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            state["stamps"].append((time.time(), state["trainer"]._total_train_tokens))
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+            state["stamps"].append((time.time(), state["trainer"]._total_train_tokens, ev))
 
     class Prof(TrainerCallback):
         p = None
@@ -205,6 +238,18 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
                                     "top_kernels": [
                     [round(e.self_device_time_total / 1e3, 2), round(100 * e.self_device_time_total / tot, 1),
                      e.count, e.key[:120]] for e in top]}
+                try:
+                    state["profile"]["gpu_idle"] = gpu_idle(Prof.p.events(), wall * 1e3)
+                except Exception as err:  # noqa: BLE001 - the table above is the result; this is a detail
+                    state["profile"]["gpu_idle"] = repr(err)[:200]
+                if TRACE_DIR is not None:  # the whole trace, for Perfetto / chrome://tracing
+                    import gzip
+                    import shutil
+                    raw = Path(TRACE_DIR) / f"trace_{state['name']}.json"
+                    Prof.p.export_chrome_trace(str(raw))
+                    with open(raw, "rb") as f, gzip.open(str(raw) + ".gz", "wb") as g:
+                        shutil.copyfileobj(f, g)
+                    raw.unlink()
                 Prof.p = None
 
     class Grads(TrainerCallback):
@@ -258,7 +303,7 @@ def _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, 
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.copy_((torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype))
-    state = {"stamps": []}
+    state = {"stamps": [], "name": name}
     cbs = callbacks(state, prof_step, grab_grads)
     ds = Dataset.from_list(rows)
     from falcon_qlora import plan as PL
@@ -306,6 +351,9 @@ def _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, 
     if err:
         res["error"] = err
     s = state["stamps"]
+    if s and s[0][2] is not None:  # GPU time between step ends, from the events; host time before the first
+        torch.cuda.synchronize()
+        s = [(s[0][0] + s[0][2].elapsed_time(e) / 1e3, n, e) for _, n, e in s]
     if s:  # model set-up, data and (with compile) the compilation, then the first step
         res["first_step_s"] = round(s[0][0] - t, 1)
     if warm >= 1 and len(s) > warm:
@@ -313,10 +361,15 @@ def _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, 
         res["tokens_per_s"] = round((s[-1][1] - s[warm - 1][1]) / dt)
         res["s_per_step"] = round(dt / (len(s) - warm), 3)
         res["tokens_per_step"] = round((s[-1][1] - s[warm - 1][1]) / (len(s) - warm))
-        if flops_lengths and peak_tflops:
+        res["step_ms"] = [round((b[0] - a[0]) * 1e3, 1) for a, b in zip(s, s[1:])]
+        if flops_lengths:
             f = flops_per_token(model, flops_lengths, cfg.lora_r)
             res["gflop_per_token"] = round(f / 1e9, 2)
-            res["mfu_pct"] = round(100 * res["tokens_per_s"] * f / (peak_tflops * 1e12), 1)
+            if peak_tflops:  # against the bf16 matmul peak measured in this run
+                res["mfu_pct"] = round(100 * res["tokens_per_s"] * f / (peak_tflops * 1e12), 1)
+            spec = peak_tflops_spec(torch.cuda.get_device_name() if cuda else None)
+            if spec:  # against the GPU's dense bf16 spec too (989 TFLOP/s on an H200)
+                res["mfu_spec_pct"] = round(100 * res["tokens_per_s"] * f / (spec * 1e12), 1)
     if cuda:
         res["allocated_before_train_GiB"] = state["allocated_before_train_GiB"]
         res["peak_alloc_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -445,7 +498,10 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(RESULTS, indent=1))
 
     only = set(filter(None, a.only.split(",")))
+    global TRACE_DIR
+    TRACE_DIR = out
     steps_long = 4 if tiny else 20
+    steps_mid = 4 if tiny else 12
     steps = 4 if tiny else 8
     # steps left out of tokens/s: compiled layers compile again when a row layout first changes (steps 2-5 here)
     warm = 1 if tiny else 6
@@ -470,6 +526,17 @@ def main() -> None:
                                                         fast_paths_over={"ATEN_DROPOUT": False})),
         # the compiled speed profile's kernels in one steady-state step (its tokens/s carry the profiler's cost)
         ("speed_compiled_profiled", full, dict(profile="speed", steps=12, compile_layers="on", prof_step=10)),
+        # LoRA's B GEMM into a new tensor (a full copy of the base output first), or as mm + an add inductor fuses
+        ("speed_compiled_lora_copy", full, dict(profile="speed", steps=steps_long, compile_layers="on",
+                                                fast_paths_over={"LORA_ADD": "copy"})),
+        ("speed_compiled_lora_fused", full, dict(profile="speed", steps=steps_long, compile_layers="on",
+                                                 fast_paths_over={"LORA_ADD": "fused"})),
+        ("speed_lora_copy", full, dict(profile="speed", steps=steps_long, fast_paths_over={"LORA_ADD": "copy"})),
+        # the memory profile over 12 steps (8 leave 3 measured after the recompiles), and one step profiled
+        ("memory_compiled_12", full, dict(profile="memory", steps=steps_mid, compile_layers="on")),
+        ("memory_compiled_inductor_dropout_12", full, dict(profile="memory", steps=steps_mid,
+                                                           compile_layers="on", fast_paths_over={"ATEN_DROPOUT": False})),
+        ("memory_compiled_profiled", full, dict(profile="memory", steps=12, compile_layers="on", prof_step=10)),
         ("speed_eager", full, dict(profile="speed", steps=steps_long, trainer_parts=eager)),
         ("speed_eager_compiled", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("compile",))),
         # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
@@ -567,7 +634,7 @@ def print_table() -> None:
     ref = RESULTS["variants"].get("reference", {}).get("tokens_per_s")
     cref = RESULTS["variants"].get("chat_reference", {}).get("tokens_per_s")
     lref = RESULTS["variants"].get("reference_2048", {}).get("tokens_per_s")
-    print("| variant | mb x acc | ckpt | tokens/s | vs ref | MFU % | peak alloc GiB | peak reserved GiB | first losses |")
+    print("| variant | mb x acc | ckpt | tokens/s | vs ref | MFU % (measured peak, spec) | peak alloc GiB | peak reserved GiB | first losses |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in RESULTS["variants"].items():
         if "tokens_per_s" not in r:
@@ -576,7 +643,7 @@ def print_table() -> None:
         base = cref if name.startswith("chat") else lref if name.endswith("_2048") else ref
         x = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"| {name} | {r['micro_batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} | "
-              f"{r['tokens_per_s']:,} | {x} | {r.get('mfu_pct', '-')} | {r.get('peak_alloc_GiB', '-')} | "
+              f"{r['tokens_per_s']:,} | {x} | {r.get('mfu_pct', '-')}, {r.get('mfu_spec_pct', '-')} | {r.get('peak_alloc_GiB', '-')} | "
               f"{r.get('peak_reserved_GiB', '-')} | {r['losses'][:3]} |")
     for k in ("grad_check", "loss_check"):
         if k in RESULTS:

@@ -254,3 +254,34 @@ def test_offloaded_layer_inputs_give_the_same_gradients(tiny_falcon_7b_arch, tmp
     assert _rel_err(got, ref) < 1e-6
     remove_offload(model)
     assert "forward" not in model.get_base_model().transformer.__dict__
+
+
+def test_single_gemm_lora_adds_into_the_base_output_in_place():
+    """The profiles' LoRA forward adds B's GEMM into the base layer's own output (addmm into a new tensor would copy
+    the whole output first) and still gives peft's output and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from falcon_qlora.fast_paths import patch_lora_forward
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = torch.nn.Linear(32, 48, bias=False)
+
+        def forward(self, x):
+            return self.dense(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["dense"]))
+    layer = model.base_model.model.dense
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, layer.lora_A["default"].weight])
+    assert patch_lora_forward(model) == 1
+    base_out = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: base_out.append(o))
+    got = model(x)
+    assert got.data_ptr() == base_out[0].data_ptr()
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got.square().sum(), [x, layer.lora_A["default"].weight]), want_grads):
+        torch.testing.assert_close(g, w)

@@ -211,12 +211,22 @@ def _lora_forward(self, x, *args, **kwargs):
     autocast = torch.is_autocast_enabled(x.device.type)
     h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
     with torch.autocast(x.device.type, enabled=False):
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
-                          lora_b.weight.to(result.dtype).t(), alpha=self.scaling[a])
-    return out.view(result.shape)
+        h2, b = h.reshape(-1, h.shape[-1]).to(result.dtype), lora_b.weight.to(result.dtype).t()
+        if LORA_ADD == "fused" and torch.compiler.is_compiling():
+            return (result.view(-1, result.shape[-1]) + torch.mm(h2, b) * self.scaling[a]).view(result.shape)
+        if LORA_ADD == "copy" or not result.is_contiguous():
+            return torch.addmm(result.reshape(-1, result.shape[-1]), h2, b, alpha=self.scaling[a]).view(result.shape)
+        # in place: the base layer's output is its own fresh tensor (its backward keeps its input, not its output),
+        # and addmm into a new one would first copy all of it there
+        result.view(-1, result.shape[-1]).addmm_(h2, b, alpha=self.scaling[a])
+    return result
 
 
 _lora_forward._fq_patched = True
+
+# How B's GEMM meets the base output: "inplace" (addmm_ into it); for the bench: "copy" (addmm into a new tensor),
+# "fused" (in compiled layers: mm, then an add that inductor fuses into the next element-wise kernel)
+LORA_ADD = "inplace"
 
 
 ATEN_DROPOUT = True  # in compiled layers, LoRA dropout through aten's kernel (False: inductor's own, for the bench)
