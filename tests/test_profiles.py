@@ -256,32 +256,22 @@ def test_offloaded_layer_inputs_give_the_same_gradients(tiny_falcon_7b_arch, tmp
     assert "forward" not in model.get_base_model().transformer.__dict__
 
 
-def test_single_gemm_lora_adds_into_the_base_output_in_place():
-    """The profiles' LoRA forward adds B's GEMM into the base layer's own output (addmm into a new tensor would copy
-    the whole output first) and still gives peft's output and gradients."""
-    from peft import LoraConfig, get_peft_model
-    from falcon_qlora.fast_paths import patch_lora_forward
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.dense = torch.nn.Linear(32, 48, bias=False)
-
-        def forward(self, x):
-            return self.dense(x)
-
-    torch.manual_seed(0)
-    model = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["dense"]))
-    layer = model.base_model.model.dense
-    torch.nn.init.normal_(layer.lora_B["default"].weight)
-    x = torch.randn(2, 3, 32, requires_grad=True)
-    want = model(x)
-    want_grads = torch.autograd.grad(want.square().sum(), [x, layer.lora_A["default"].weight])
-    assert patch_lora_forward(model) == 1
-    base_out = []
-    layer.base_layer.register_forward_hook(lambda m, i, o: base_out.append(o))
-    got = model(x)
-    assert got.data_ptr() == base_out[0].data_ptr()
-    torch.testing.assert_close(got, want)
-    for g, w in zip(torch.autograd.grad(got.square().sum(), [x, layer.lora_A["default"].weight]), want_grads):
-        torch.testing.assert_close(g, w)
+def test_cached_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arch, tmp_path, monkeypatch):
+    """With the dequantized weights, each LoRA layer computes x @ W.T + scale * h @ B.T as one op (inductor would
+    copy the base output before adding into it) and gives the reference LoRA gradients (fp32: to rounding)."""
+    from falcon_qlora import fast_paths
+    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
+    rows = _rows()
+    ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    calls = []
+    op = fast_paths._linear_lora()
+    monkeypatch.setattr(fast_paths, "_linear_lora", lambda: lambda *a: calls.append(1) or op(*a))
+    n = fast_paths.cache_dequantized_weights(model)
+    assert fast_paths.patch_lora_forward(model) == n > 0
+    got = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
+    assert len(calls) == 2 * n  # every cached LoRA layer, in both micro-batches
+    assert _rel_err(got, ref) < 1e-6
+    x, w, h, b = (torch.randn(s, dtype=torch.float64) for s in ((6, 8), (5, 8), (6, 3), (5, 3)))
+    torch.library.opcheck(op, (x.requires_grad_(), w, h.requires_grad_(), b.requires_grad_(), 0.5))
+    torch.testing.assert_close(op(x, w, h, b, 0.5), x @ w.T + 0.5 * h @ b.T)

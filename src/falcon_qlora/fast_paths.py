@@ -207,26 +207,71 @@ def _lora_forward(self, x, *args, **kwargs):
             or self.lora_B[a].bias is not None):
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[a], self.lora_B[a]
-    result = self.base_layer(x)
     autocast = torch.is_autocast_enabled(x.device.type)
+    w = _cached_weight(self.base_layer, x) if LINEAR_LORA else None
+    if w is not None:  # the dequantized copy: both GEMMs into one output, in one op
+        h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
+        with torch.autocast(x.device.type, enabled=False):
+            out = _linear_lora()(x.reshape(-1, x.shape[-1]), w, h.reshape(-1, h.shape[-1]).to(w.dtype),
+                                 lora_b.weight.to(w.dtype), self.scaling[a])
+        return out.view(*x.shape[:-1], w.shape[0])
+    result = self.base_layer(x)
     h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
     with torch.autocast(x.device.type, enabled=False):
-        h2, b = h.reshape(-1, h.shape[-1]).to(result.dtype), lora_b.weight.to(result.dtype).t()
-        if LORA_ADD == "fused" and torch.compiler.is_compiling():
-            return (result.view(-1, result.shape[-1]) + torch.mm(h2, b) * self.scaling[a]).view(result.shape)
-        if LORA_ADD == "copy" or not result.is_contiguous():
-            return torch.addmm(result.reshape(-1, result.shape[-1]), h2, b, alpha=self.scaling[a]).view(result.shape)
-        # in place: the base layer's output is its own fresh tensor (its backward keeps its input, not its output),
-        # and addmm into a new one would first copy all of it there
-        result.view(-1, result.shape[-1]).addmm_(h2, b, alpha=self.scaling[a])
-    return result
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                          lora_b.weight.to(result.dtype).t(), alpha=self.scaling[a])
+    return out.view(result.shape)
 
 
 _lora_forward._fq_patched = True
 
-# How B's GEMM meets the base output: "inplace" (addmm_ into it); for the bench: "copy" (addmm into a new tensor),
-# "fused" (in compiled layers: mm, then an add that inductor fuses into the next element-wise kernel)
-LORA_ADD = "inplace"
+
+def _cached_weight(base, x):
+    """The base layer's dequantized weight where the fused op computes exactly what its forward would: the cache
+    in place, x already in its dtype, no bias, no hooks."""
+    w = getattr(base, "_fq_weight", None)
+    if (w is None or x.dtype != w.dtype or getattr(base, "bias", None) is not None or base._forward_hooks
+            or base._forward_pre_hooks or base.forward.__func__ is not _cached_4bit_forward):
+        return None
+    return w
+
+
+LINEAR_LORA = True  # with the weight cache, base and B GEMMs as one op (False: base forward, then addmm; for the bench)
+_LINEAR_LORA_OP: list = []
+
+
+def _linear_lora():
+    """falcon_qlora::linear_lora(x, w, h, b, scale) = x @ w.T + scale * h @ b.T: the frozen base GEMM, then LoRA's B
+    GEMM added into its output in place. As one op inductor cannot split it: its own lowering of that addmm copies
+    the whole base output first (a device-to-device copy per LoRA layer, bench/NOTES.md). w is frozen (no gradient)."""
+    if _LINEAR_LORA_OP:
+        return _LINEAR_LORA_OP[0]
+    import torch
+
+    @torch.library.custom_op("falcon_qlora::linear_lora", mutates_args=(),
+                             schema="(Tensor x, Tensor w, Tensor h, Tensor b, float scale) -> Tensor")
+    def linear_lora(x, w, h, b, scale):
+        return torch.mm(x, w.t()).addmm_(h, b.t(), alpha=scale)
+
+    @linear_lora.register_fake
+    def _(x, w, h, b, scale):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    def setup_context(ctx, inputs, output):
+        x, w, h, b, scale = inputs
+        ctx.scale = scale
+        ctx.save_for_backward(w, h, b)
+
+    def backward(ctx, grad):
+        w, h, b = ctx.saved_tensors
+        gx = grad.mm(w) if ctx.needs_input_grad[0] else None
+        gh = grad.mm(b) * ctx.scale if ctx.needs_input_grad[2] else None
+        gb = grad.t().mm(h) * ctx.scale if ctx.needs_input_grad[3] else None
+        return gx, None, gh, gb, None
+
+    linear_lora.register_autograd(backward, setup_context=setup_context)
+    _LINEAR_LORA_OP.append(linear_lora)
+    return linear_lora
 
 
 ATEN_DROPOUT = True  # in compiled layers, LoRA dropout through aten's kernel (False: inductor's own, for the bench)
@@ -348,6 +393,7 @@ def compile_layers(model, checkpointing: bool = False) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.suppress_errors = True  # a layer that fails to compile runs eagerly, with a warning
     _aten_dropout()  # registered before tracing
+    _linear_lora()
     n = 0
     for layer in decoder_layers(model):
         blocks = [c for c in layer.children() if not isinstance(c, torch.nn.LayerNorm)] if checkpointing else [layer]
