@@ -256,7 +256,6 @@ def test_offloaded_layer_inputs_give_the_same_gradients(tiny_falcon_7b_arch, tmp
     assert "forward" not in model.get_base_model().transformer.__dict__
 
 
-
 def test_cached_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arch, tmp_path, monkeypatch):
     """With the dequantized weights, each LoRA layer computes x @ W.T + scale * h @ B.T as one op (inductor would
     copy the base output before adding into it) and gives the reference LoRA gradients (fp32: to rounding)."""

@@ -11,6 +11,7 @@ batches and non-Falcon models fall through to the stock forwards.
 """
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 
@@ -208,15 +209,14 @@ def _lora_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[a], self.lora_B[a]
     autocast = torch.is_autocast_enabled(x.device.type)
+    h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
     w = _cached_weight(self.base_layer, x) if LINEAR_LORA else None
     if w is not None:  # the dequantized copy: both GEMMs into one output, in one op
-        h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
         with torch.autocast(x.device.type, enabled=False):
             out = _linear_lora()(x.reshape(-1, x.shape[-1]), w, h.reshape(-1, h.shape[-1]).to(w.dtype),
                                  lora_b.weight.to(w.dtype), self.scaling[a])
         return out.view(*x.shape[:-1], w.shape[0])
     result = self.base_layer(x)
-    h = lora_a(_dropout(self.lora_dropout[a], x if autocast else x.to(lora_a.weight.dtype)))
     with torch.autocast(x.device.type, enabled=False):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
                           lora_b.weight.to(result.dtype).t(), alpha=self.scaling[a])
@@ -237,15 +237,13 @@ def _cached_weight(base, x):
 
 
 LINEAR_LORA = True  # with the weight cache, base and B GEMMs as one op (False: base forward, then addmm; for the bench)
-_LINEAR_LORA_OP: list = []
 
 
+@functools.cache
 def _linear_lora():
     """falcon_qlora::linear_lora(x, w, h, b, scale) = x @ w.T + scale * h @ b.T: the frozen base GEMM, then LoRA's B
     GEMM added into its output in place. As one op inductor cannot split it: its own lowering of that addmm copies
     the whole base output first (a device-to-device copy per LoRA layer, bench/NOTES.md). w is frozen (no gradient)."""
-    if _LINEAR_LORA_OP:
-        return _LINEAR_LORA_OP[0]
     import torch
 
     @torch.library.custom_op("falcon_qlora::linear_lora", mutates_args=(),
@@ -270,7 +268,6 @@ def _linear_lora():
         return gx, None, gh, gb, None
 
     linear_lora.register_autograd(backward, setup_context=setup_context)
-    _LINEAR_LORA_OP.append(linear_lora)
     return linear_lora
 
 
@@ -289,14 +286,10 @@ def _dropout(module, x):
     return module(x)
 
 
-_DROPOUT_OP: list = []
-
-
+@functools.cache
 def _aten_dropout():
     """falcon_qlora::dropout(x, p) -> (x * mask / (1 - p), mask): torch.ops.aten.native_dropout as a custom op
     (opaque to inductor), with its backward (grad * mask / (1 - p)) for autograd. Registered once per process."""
-    if _DROPOUT_OP:
-        return _DROPOUT_OP[0]
     import torch
 
     @torch.library.custom_op("falcon_qlora::dropout", mutates_args=(), schema="(Tensor x, float p) -> (Tensor, Tensor)")
@@ -316,7 +309,6 @@ def _aten_dropout():
         return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
 
     dropout.register_autograd(backward, setup_context=setup_context)
-    _DROPOUT_OP.append(dropout)
     return dropout
 
 
