@@ -268,22 +268,23 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
 
 def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps=8, warm=3, prof_step=None,
                 grab_grads=False, randomize_b=False, flops_lengths=None, peak_tflops=None, trainer_parts=None,
-                memory_rows=None, args_over=None, fast_paths_over=None, **over):
+                memory_rows=None, args_over=None, fast_paths_over=None, train_over=None, **over):
     """One training run through the package's path on the shared 4-bit base; the base is restored afterwards.
     parts: an ablation through TRL's plain SFTTrainer. trainer_parts / memory_rows: `falcon-qlora train`'s trainer
     (build_trainer) with plan.PROFILE_PARTS[profile] / the memory profile's rows per micro-batch replaced.
-    args_over: SFTConfig fields set after the profile (ablations only). fast_paths_over: falcon_qlora.fast_paths
-    module settings for this variant only (e.g. ATEN_DROPOUT)."""
-    from falcon_qlora import fast_paths
-    saved = {k: getattr(fast_paths, k) for k in (fast_paths_over or {})}
-    for k, v in (fast_paths_over or {}).items():
-        setattr(fast_paths, k, v)
+    args_over: SFTConfig fields set after the profile (ablations only). fast_paths_over / train_over:
+    falcon_qlora.fast_paths / falcon_qlora.train module settings for this variant only (e.g. ATEN_DROPOUT)."""
+    from falcon_qlora import fast_paths, train
+    saved = [(m, k, getattr(m, k)) for m, o in ((fast_paths, fast_paths_over), (train, train_over)) for k in (o or {})]
+    for m, o in ((fast_paths, fast_paths_over), (train, train_over)):
+        for k, v in (o or {}).items():
+            setattr(m, k, v)
     try:
         return _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, grab_grads, randomize_b,
                             flops_lengths, peak_tflops, trainer_parts, memory_rows, args_over, over)
     finally:
-        for k, v in saved.items():
-            setattr(fast_paths, k, v)
+        for m, k, v in saved:
+            setattr(m, k, v)
 
 
 def _run_variant(name, base, tok, rows, profile, parts, steps, warm, prof_step, grab_grads, randomize_b,
@@ -530,6 +531,16 @@ def main() -> None:
         ("speed_compiled_two_ops", full, dict(profile="speed", steps=steps_long, compile_layers="on",
                                               fast_paths_over={"LINEAR_LORA": False})),
         ("speed_two_ops", full, dict(profile="speed", steps=steps_long, fast_paths_over={"LINEAR_LORA": False})),
+        # each step's start as before: a blocking copy of the batch and the row layout read back from the GPU (the
+        # host waits for the previous step, then the GPU for the host); and the B GEMM added after the base GEMM
+        ("speed_compiled_host_waits", full, dict(profile="speed", steps=steps_long, compile_layers="on",
+                                                 train_over={"NON_BLOCKING_INPUTS": False},
+                                                 fast_paths_over={"SEGMENTS_FROM_COLLATOR": False})),
+        ("speed_compiled_lora_after", full, dict(profile="speed", steps=steps_long, compile_layers="on",
+                                                 fast_paths_over={"LORA_FIRST": False})),
+        ("memory_compiled_12_host_waits", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
+                                                     train_over={"NON_BLOCKING_INPUTS": False},
+                                                     fast_paths_over={"SEGMENTS_FROM_COLLATOR": False})),
         # the memory profile over 12 steps (8 leave 3 measured after the recompiles), and one step profiled
         ("memory_compiled_12", full, dict(profile="memory", steps=steps_mid, compile_layers="on")),
         ("memory_compiled_inductor_dropout_12", full, dict(profile="memory", steps=steps_mid,

@@ -70,6 +70,54 @@ def test_packed_forward_equals_separate_forwards(tiny_falcon, lengths):
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
 
 
+def _padding_free_batch(lengths):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    rows = _rows(len(lengths), lengths=lengths)
+    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": r} for r in rows])
+
+
+@pytest.mark.parametrize("lengths", [(9, 14, 5, 11), (8, 8, 8, 8), (12,)], ids=["ragged", "equal", "one"])
+def test_row_layout_from_the_collators_lengths_is_the_one_read_from_positions(lengths):
+    """The row layout built from the collator's cu_seq_lens_q / max_length_q (shapes the host knows, no read-back
+    from the GPU) is the one read back from position_ids: same rows, gather index and token positions."""
+    from falcon_qlora import fast_paths as F
+    b = _padding_free_batch(lengths)
+    want = F._segments_from_positions(b["position_ids"])
+    got = F.segments_from_lengths(b["cu_seq_lens_q"], b["max_length_q"], b["position_ids"].shape[1])
+    assert (got.n, got.max_len, got.total, got.equal) == (want.n, want.max_len, want.total, want.equal)
+    assert torch.equal(got.index, want.index) and torch.equal(got.flat, want.flat)
+
+
+def test_backbone_called_with_the_collators_lengths_never_reads_rows_back(tiny_falcon, monkeypatch):
+    """Called the way TRL's fused LM head calls it (the collator's row boundaries among the keyword arguments),
+    the patched backbone takes the row layout from them, not from position_ids, and computes the same states."""
+    from transformers import FalconForCausalLM
+    from falcon_qlora import fast_paths as F
+    model = FalconForCausalLM.from_pretrained(tiny_falcon).eval()
+    P.patch_falcon_attention(model)
+    b = _padding_free_batch((9, 14, 5, 11))
+    stack = F.decoder_stack(model)
+    with torch.no_grad():
+        want = stack(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).last_hidden_state
+        monkeypatch.setattr(F, "_segments_from_positions", lambda *_: pytest.fail("row layout read from positions"))
+        bounds = {k: b[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+        got = stack(input_ids=b["input_ids"], position_ids=b["position_ids"].clone(), use_cache=False,
+                    **bounds).last_hidden_state
+    torch.testing.assert_close(got, want)
+
+
+def test_batches_reach_a_gpu_from_pinned_memory_without_a_host_wait(tiny_falcon_7b_arch, tmp_path):
+    """On a GPU, batches come from pinned memory and are copied without a host sync (a blocking copy makes the
+    host wait for the previous step at every step); on a CPU neither (pinning would only warn). Each machine checks
+    its own half: the suite runs on the GPU machine too."""
+    from falcon_qlora.model import load_tokenizer
+    from falcon_qlora.train import sft_config
+    cfg, _ = _model(tiny_falcon_7b_arch, tmp_path)
+    args = sft_config(cfg, load_tokenizer(cfg.model_name_or_path, cfg), torch.float32)
+    cuda = torch.cuda.is_available()
+    assert args.dataloader_pin_memory is cuda and args.accelerator_config.non_blocking is cuda
+
+
 @pytest.mark.parametrize("parts", [("padding_free", "attention"), ("lora",), ALL], ids=["attention", "lora", "all"])
 def test_lora_grads_match_reference_fp32(tiny_falcon_7b_arch, tmp_path, parts):
     """Each changed code path (padding-free rows + fused attention; the single-GEMM LoRA; all of them with the
@@ -184,7 +232,7 @@ def test_remove_profile_restores_stock_forwards(tiny_falcon_7b_arch, tmp_path):
     cfg, model = _model(tiny_falcon_7b_arch, tmp_path, compute_dtype="bf16")
     P.apply_profile(model, {"bf16": True}, make_plan(cfg, 10**12, profile="speed", parts=ALL))
     patched = [m for m in model.modules() if "forward" in m.__dict__ or hasattr(m, "_fq_hook")]
-    assert len(patched) == 2 + 8 + 3 + 1  # attention x2 layers, LoRA x8, norms x2 + ln_f, embedding hook
+    assert len(patched) == 2 + 8 + 3 + 1 + 1  # attention x2 layers, LoRA x8, norms x2 + ln_f, embedding, row layout
     P.remove_profile(model)
     assert not [m for m in model.modules() if "forward" in m.__dict__ or hasattr(m, "_fq_hook")]
 
@@ -200,13 +248,17 @@ def test_reference_profile_changes_nothing(tiny_falcon_7b_arch, tmp_path):
 @pytest.mark.parametrize("profile,split,compiled", [("speed", (2, 2), "off"), ("memory", (1, 4), "off"),
                                                     pytest.param("speed", (2, 2), "on", marks=pytest.mark.slow)])
 def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_data, tmp_path, profile, split,
-                                                      compiled):
+                                                      compiled, monkeypatch):
     """Through falcon_qlora.train (the package's path: TRL collator, fused LM head, Trainer's accumulation), each
     profile's per-step losses are the reference profile's; memory also takes bigger micro-batches (4 x 1 here) with
     its layer inputs offloaded under reentrant checkpointing; compile_layers=on compiles the layers for the run and
-    train() hands them back uncompiled."""
+    train() hands them back uncompiled. Every row layout comes from the collator's lengths, none is read back."""
     from torch._dynamo.utils import counters
+    from falcon_qlora import fast_paths
     from falcon_qlora.train import train
+    read_back = []
+    real = fast_paths._segments_from_positions
+    monkeypatch.setattr(fast_paths, "_segments_from_positions", lambda pos: read_back.append(1) or real(pos))
     losses = {}
     graphs = counters["stats"]["unique_graphs"]
     for p in ("reference", profile):
@@ -218,6 +270,7 @@ def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_
         losses[p] = [x["loss"] for x in result.log_history if "loss" in x]
         assert not [m for m in result.model.modules() if m._compiled_call_impl is not None]
     assert (counters["stats"]["unique_graphs"] > graphs) == (compiled == "on")
+    assert not read_back
     assert len(losses[profile]) == 3
     assert losses[profile] == pytest.approx(losses["reference"], rel=1e-4)
 
@@ -272,5 +325,7 @@ def test_cached_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arc
     assert len(calls) == 2 * n  # every cached LoRA layer, in both micro-batches
     assert _rel_err(got, ref) < 1e-6
     x, w, h, b = (torch.randn(s, dtype=torch.float64) for s in ((6, 8), (5, 8), (6, 3), (5, 3)))
-    torch.library.opcheck(op, (x.requires_grad_(), w, h.requires_grad_(), b.requires_grad_(), 0.5))
-    torch.testing.assert_close(op(x, w, h, b, 0.5), x @ w.T + 0.5 * h @ b.T)
+    for lora_first in (True, False):  # B GEMM first, base GEMM accumulating onto it; and the other order
+        monkeypatch.setattr(fast_paths, "LORA_FIRST", lora_first)
+        torch.library.opcheck(op, (x.requires_grad_(), w, h.requires_grad_(), b.requires_grad_(), 0.5))
+        torch.testing.assert_close(op(x, w, h, b, 0.5), x @ w.T + 0.5 * h @ b.T)

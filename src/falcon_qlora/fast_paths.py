@@ -77,7 +77,42 @@ def patch_falcon_attention(model) -> int:
         if isinstance(m, FalconAttention) and "forward" not in m.__dict__:
             m.forward = types.MethodType(_falcon_attention_forward, m)
             n += 1
+    stack = decoder_stack(model)
+    if n and not hasattr(stack, "_fq_hook"):
+        stack._fq_hook = stack.register_forward_pre_hook(_segments_from_collator, with_kwargs=True)
     return n
+
+
+SEGMENTS_FROM_COLLATOR = True  # rows from the collator's cu_seq_lens (False: from position_ids; for the bench)
+
+
+def _segments_from_collator(module, args, kwargs):
+    """TRL's padding-free collator sends the row boundaries it computed on the CPU (cu_seq_lens_q, max_length_q):
+    the Segments of this forward's position_ids come from them, without reading anything back from the GPU. Read
+    back, they would make the host wait at the start of every forward until the GPU has finished the previous
+    step, and the GPU then wait for the host to queue the next one."""
+    import torch
+    pos, cu, longest = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if not (SEGMENTS_FROM_COLLATOR and isinstance(pos, torch.Tensor) and isinstance(cu, torch.Tensor)
+            and isinstance(longest, int) and pos.dim() == 2 and pos.shape[0] == 1 and cu.dim() == 1
+            and cu.numel() >= 2 and longest >= 1):
+        return None
+    _SEG_CACHE[0], _SEG_CACHE[1] = pos, segments_from_lengths(cu.to(pos.device), longest, pos.shape[1])
+    return None
+
+
+def segments_from_lengths(cu, max_len: int, total: int):
+    """Segments of rows laid end to end, from their cumulative lengths cu (n + 1,) and the longest length: only
+    shapes the host already knows, so the GPU computes the rest without a sync."""
+    import torch
+    n, dev = cu.numel() - 1, cu.device
+    cu = cu.long()
+    ar = torch.arange(max_len, device=dev)
+    index = (cu[:-1, None] + ar[None, :]).clamp(max=total - 1)
+    t = torch.arange(total, device=dev)
+    row = torch.searchsorted(cu[1:], t, right=True).clamp(max=n - 1)  # the row of each token
+    flat = row * max_len + (t - cu[row])
+    return Segments(n, max_len, total, index, flat, equal=max_len * n == total)
 
 
 def _falcon_attention_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
@@ -117,7 +152,7 @@ class Segments:
     equal: bool = False  # all rows the same length: a reshape, no gather
 
 
-_SEG_CACHE: list = [None, None]  # (position_ids tensor, Segments): one host sync per forward, not per layer
+_SEG_CACHE: list = [None, None]  # (position_ids tensor, Segments): computed once per forward, not per layer
 
 
 def _eager(fn):
@@ -129,9 +164,14 @@ def _eager(fn):
 @_eager
 def segments(position_ids):
     """position_ids (1, T) restarting at 0 for each row -> Segments, or None if it is not such a layout."""
+    if _SEG_CACHE[0] is not position_ids:
+        _SEG_CACHE[0], _SEG_CACHE[1] = position_ids, _segments_from_positions(position_ids)
+    return _SEG_CACHE[1]
+
+
+def _segments_from_positions(position_ids):
+    """Segments read from the positions themselves: rows start where they restart at 0 (host syncs)."""
     import torch
-    if _SEG_CACHE[0] is position_ids:
-        return _SEG_CACHE[1]
     pos = position_ids[0]
     total = pos.numel()
     starts = (pos == 0).nonzero().flatten()
@@ -146,7 +186,6 @@ def segments(position_ids):
         valid = ar[None, :] < lengths[:, None]
         flat = (torch.arange(starts.numel(), device=pos.device)[:, None] * max_len + ar[None, :])[valid]
         seg = Segments(starts.numel(), max_len, total, index, flat, equal=max_len * starts.numel() == total)
-    _SEG_CACHE[0], _SEG_CACHE[1] = position_ids, seg
     return seg
 
 
@@ -237,18 +276,23 @@ def _cached_weight(base, x):
 
 
 LINEAR_LORA = True  # with the weight cache, base and B GEMMs as one op (False: base forward, then addmm; for the bench)
+LORA_FIRST = True  # in that op, the B GEMM first and the base GEMM accumulating onto it (False: the other order)
 
 
 @functools.cache
 def _linear_lora():
-    """falcon_qlora::linear_lora(x, w, h, b, scale) = x @ w.T + scale * h @ b.T: the frozen base GEMM, then LoRA's B
-    GEMM added into its output in place. As one op inductor cannot split it: its own lowering of that addmm copies
-    the whole base output first (a device-to-device copy per LoRA layer, bench/NOTES.md). w is frozen (no gradient)."""
+    """falcon_qlora::linear_lora(x, w, h, b, scale) = x @ w.T + scale * h @ b.T. LoRA's small B GEMM first, then
+    the frozen base GEMM accumulates onto it (beta=scale): the base GEMM is compute-bound, so reading that addend in
+    its epilogue is almost free, where adding the B GEMM afterwards reads and writes the whole output once more.
+    As one op inductor cannot split it: its own lowering of an addmm copies the addend first (a device-to-device
+    copy per LoRA layer, bench/NOTES.md). w is frozen (no gradient)."""
     import torch
 
     @torch.library.custom_op("falcon_qlora::linear_lora", mutates_args=(),
                              schema="(Tensor x, Tensor w, Tensor h, Tensor b, float scale) -> Tensor")
     def linear_lora(x, w, h, b, scale):
+        if LORA_FIRST:
+            return torch.mm(h, b.t()).addmm_(x, w.t(), beta=scale)
         return torch.mm(x, w.t()).addmm_(h, b.t(), alpha=scale)
 
     @linear_lora.register_fake

@@ -140,6 +140,9 @@ def _unreachable(url: str, seconds: float) -> str | None:
     return result[0] if result else f"did not answer within {seconds:g} s"
 
 
+NON_BLOCKING_INPUTS = True  # False: transformers' default blocking copy of each batch (for the bench)
+
+
 def sft_config(cfg: RunConfig, tokenizer, compute_dtype, plan=None):
     """Our config and its RunPlan (default plan.make_plan(cfg)) -> TRL's SFTConfig (one place that knows the
     mapping)."""
@@ -155,8 +158,13 @@ def sft_config(cfg: RunConfig, tokenizer, compute_dtype, plan=None):
     eval_on = cfg.eval_split is not None and cfg.eval_steps is not None
     from .plan import make_plan
     placement = dist.trainer_kwargs(plan or make_plan(cfg))
-    if compute_dtype == torch.bfloat16 and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if compute_dtype == torch.bfloat16 and not cuda:
         placement["use_cpu"] = True  # bf16 on a CPU that has it (transformers refuses bf16 without a GPU otherwise)
+    # Batches from pinned memory, copied to the GPU without waiting: a blocking copy makes the host wait at every
+    # step until the GPU has finished the previous one, and the GPU then waits while the host collates the next
+    # batch and queues its kernels (bench/NOTES.md).
+    placement.update(dataloader_pin_memory=cuda, accelerator_config={"non_blocking": cuda and NON_BLOCKING_INPUTS})
     return SFTConfig(
         output_dir=cfg.output_dir, **placement,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size, optim=cfg.optim,
