@@ -251,11 +251,14 @@ def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_
                                                       compiled, monkeypatch):
     """Through falcon_qlora.train (the package's path: TRL collator, fused LM head, Trainer's accumulation), each
     profile's per-step losses are the reference profile's; memory also takes bigger micro-batches (4 x 1 here) with
-    its layer inputs offloaded under reentrant checkpointing; compile_layers=on compiles the layers for the run and
-    train() hands them back uncompiled. Every row layout comes from the collator's lengths, none is read back."""
+    its layer inputs offloaded under reentrant checkpointing; compile_layers=on compiles the layers for the run, with
+    no graph break but the row layout's, and train() hands them back uncompiled. Every row layout comes from the
+    collator's lengths, none is read back."""
+    from collections import Counter
     from torch._dynamo.utils import counters
     from falcon_qlora import fast_paths
     from falcon_qlora.train import train
+    breaks = Counter(counters["graph_break"])
     read_back = []
     real = fast_paths._segments_from_positions
     monkeypatch.setattr(fast_paths, "_segments_from_positions", lambda pos: read_back.append(1) or real(pos))
@@ -270,6 +273,8 @@ def test_train_with_profile_logs_the_reference_losses(tiny_falcon_7b_arch, tiny_
         losses[p] = [x["loss"] for x in result.log_history if "loss" in x]
         assert not [m for m in result.model.modules() if m._compiled_call_impl is not None]
     assert (counters["stats"]["unique_graphs"] > graphs) == (compiled == "on")
+    # a compiled layer breaks only around the row layout (computed outside the graphs), never at its LoRA layers
+    assert [r for r in Counter(counters["graph_break"]) - breaks if "function segments" not in r] == []
     assert not read_back
     assert len(losses[profile]) == 3
     assert losses[profile] == pytest.approx(losses["reference"], rel=1e-4)
@@ -317,13 +322,14 @@ def test_cached_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arc
     rows = _rows()
     ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
     calls = []
-    op = fast_paths._linear_lora()
-    monkeypatch.setattr(fast_paths, "_linear_lora", lambda: lambda *a: calls.append(1) or op(*a))
     n = fast_paths.cache_dequantized_weights(model)
-    assert fast_paths.patch_lora_forward(model) == n > 0
+    assert fast_paths.patch_lora_forward(model) == n > 0  # registers the op
+    op = torch.ops.falcon_qlora.linear_lora
+    monkeypatch.setattr(torch.ops.falcon_qlora, "linear_lora", lambda *a: calls.append(1) or op(*a))
     got = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
     assert len(calls) == 2 * n  # every cached LoRA layer, in both micro-batches
     assert _rel_err(got, ref) < 1e-6
+    monkeypatch.undo()  # the op itself again, for opcheck
     x, w, h, b = (torch.randn(s, dtype=torch.float64) for s in ((6, 8), (5, 8), (6, 3), (5, 3)))
     for lora_first in (True, False):  # B GEMM first, base GEMM accumulating onto it; and the other order
         monkeypatch.setattr(fast_paths, "LORA_FIRST", lora_first)

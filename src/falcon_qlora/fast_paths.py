@@ -230,6 +230,7 @@ def patch_lora_forward(model) -> int:
         from peft.tuners.lora.layer import LoraLayer
     except ImportError:
         return 0
+    register_ops()
     n = 0
     for m in model.modules():
         if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and "forward" not in m.__dict__:
@@ -252,8 +253,8 @@ def _lora_forward(self, x, *args, **kwargs):
     w = _cached_weight(self.base_layer, x) if LINEAR_LORA else None
     if w is not None:  # the dequantized copy: both GEMMs into one output, in one op
         with torch.autocast(x.device.type, enabled=False):
-            out = _linear_lora()(x.reshape(-1, x.shape[-1]), w, h.reshape(-1, h.shape[-1]).to(w.dtype),
-                                 lora_b.weight.to(w.dtype), self.scaling[a])
+            out = torch.ops.falcon_qlora.linear_lora(x.reshape(-1, x.shape[-1]), w, h.reshape(-1, h.shape[-1]).to(
+                w.dtype), lora_b.weight.to(w.dtype), self.scaling[a])
         return out.view(*x.shape[:-1], w.shape[0])
     result = self.base_layer(x)
     with torch.autocast(x.device.type, enabled=False):
@@ -277,6 +278,14 @@ def _cached_weight(base, x):
 
 LINEAR_LORA = True  # with the weight cache, base and B GEMMs as one op (False: base forward, then addmm; for the bench)
 LORA_FIRST = True  # in that op, the B GEMM first and the base GEMM accumulating onto it (False: the other order)
+
+
+def register_ops() -> None:
+    """Register the custom ops once per process, before any forward uses them. Forwards call them as
+    torch.ops.falcon_qlora.*: torch.compile would trace into a functools.cache wrapper, find the registration
+    and break the layer's graph there, at every LoRA layer."""
+    _linear_lora()
+    _aten_dropout()
 
 
 @functools.cache
@@ -326,7 +335,7 @@ def _dropout(module, x):
     import torch
     if (ATEN_DROPOUT and torch.compiler.is_compiling() and type(module) is torch.nn.Dropout and module.training
             and 0 < module.p < 1):
-        return _aten_dropout()(x, module.p)[0]
+        return torch.ops.falcon_qlora.dropout(x, module.p)[0]
     return module(x)
 
 
@@ -428,8 +437,7 @@ def compile_layers(model, checkpointing: bool = False) -> int:
     # without grad, eval, new row layouts); past dynamo's limit (8) it would fall back to eager without a word
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.suppress_errors = True  # a layer that fails to compile runs eagerly, with a warning
-    _aten_dropout()  # registered before tracing
-    _linear_lora()
+    register_ops()
     n = 0
     for layer in decoder_layers(model):
         blocks = [c for c in layer.children() if not isinstance(c, torch.nn.LayerNorm)] if checkpointing else [layer]
