@@ -191,7 +191,7 @@ def gpu_idle(events, wall_ms: float) -> dict:
             "gaps": len(gaps), "longest": [[round(g / 1e3, 2), a[:70], b[:70]] for g, a, b in gaps[:15]]}
 
 
-def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
+def callbacks(state: dict, prof_step, grab_grads: bool):
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
@@ -204,11 +204,13 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
                 ev.record()
             state["stamps"].append((time.time(), state["trainer"]._total_train_tokens, ev))
 
+    first, count = prof_step if isinstance(prof_step, tuple) else (prof_step, 1)  # (first step, steps in a row)
+
     class Prof(TrainerCallback):
         p = None
 
         def on_step_begin(self, args, st, control, **k):
-            if st.global_step == prof_step:
+            if st.global_step == first:
                 torch.cuda.synchronize()
                 from torch.profiler import ProfilerActivity, profile
                 Prof.p = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -216,7 +218,7 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
                 Prof.t = time.time()
 
         def on_step_end(self, args, st, control, **k):
-            if Prof.p is not None:
+            if Prof.p is not None and st.global_step >= first + count:
                 torch.cuda.synchronize()
                 Prof.p.__exit__(None, None, None)
                 ka = Prof.p.key_averages()
@@ -233,13 +235,18 @@ def callbacks(state: dict, prof_step: int | None, grab_grads: bool):
                             "dropout" if "dropout" in k else "copy" if "memcpy" in k or "copy" in k else
                             "triton" if k.startswith("triton") else "other")
                     kinds[kind] = kinds.get(kind, 0) + e.self_device_time_total
-                state["profile"] = {"kernel_ms_per_step": round(tot / 1e3, 1), "wall_ms": round(wall * 1e3, 1),
+                state["profile"] = {"kernel_ms_per_step": round(tot / 1e3 / count, 1), "steps": count,
+                                    "wall_ms": round(wall * 1e3, 1),
                                     "kernel_ms_by_kind": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items())},
                                     "top_kernels": [
                     [round(e.self_device_time_total / 1e3, 2), round(100 * e.self_device_time_total / tot, 1),
                      e.count, e.key[:120]] for e in top]}
                 try:
                     state["profile"]["gpu_idle"] = gpu_idle(Prof.p.events(), wall * 1e3)
+                    if count > 1:  # steps in a row, no sync between them: the steady state's own gaps
+                        gi = state["profile"]["gpu_idle"]
+                        gi["per_step_ms"] = {k: round(gi[k] / count, 1) for k in
+                                             ("kernel_span_ms", "busy_ms", "idle_in_span_ms")}
                 except Exception as err:  # noqa: BLE001 - the table above is the result; this is a detail
                     state["profile"]["gpu_idle"] = repr(err)[:200]
                 if TRACE_DIR is not None:  # the whole trace, for Perfetto / chrome://tracing
@@ -527,6 +534,8 @@ def main() -> None:
                                                         fast_paths_over={"ATEN_DROPOUT": False})),
         # the compiled speed profile's kernels in one steady-state step (its tokens/s carry the profiler's cost)
         ("speed_compiled_profiled", full, dict(profile="speed", steps=12, compile_layers="on", prof_step=10)),
+        # three steady steps in a row under the profiler, no sync between them: does the GPU wait between steps?
+        ("speed_compiled_profiled_3", full, dict(profile="speed", steps=14, compile_layers="on", prof_step=(10, 3))),
         # with the weight cache, the base layer and LoRA's B GEMM as two ops (inductor copies the base output first)
         ("speed_compiled_two_ops", full, dict(profile="speed", steps=steps_long, compile_layers="on",
                                               fast_paths_over={"LINEAR_LORA": False})),
@@ -626,6 +635,7 @@ def main() -> None:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        res["ended_utc"] = time.strftime("%H:%M:%S", time.gmtime())  # to match GPU clock logs (gpu_speed.sh)
         RESULTS["variants"][name] = res
         save()
     v = RESULTS["variants"]
