@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run 12 on the H200 device machine, one call (carry .whl .gg): with the weight cache, the base GEMM and LoRA's B GEMM
+# Run 12 on the H200 device machine, one call (carry .whl): with the weight cache, the base GEMM and LoRA's B GEMM
 # as one op (falcon_qlora::linear_lora) against two (inductor copies the base output before adding into it), eager
 # and compiled, with the LoRA gradient check of the compiled speed profile and a profiled step.
 # The whole suite after it: LIMIT_S=540 bash bench/gpu_suite.sh run (carry .gh).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run 13 on the H200 device machine, one call (carry .whl .gg): each step's start without the host waiting for the
+# Run 13 on the H200 device machine, one call (carry .whl): each step's start without the host waiting for the
 # GPU (batches copied from pinned memory without a sync, row layouts from the collator's lengths) against the old
 # start, and LoRA's B GEMM first with the base GEMM accumulating onto it against the other order; speed and memory.
 # The whole suite after it: LIMIT_S=540 bash bench/gpu_suite.sh run (carry .gh).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One bench/speed.py run on the H200 device machine in one call (carry .whl .gg): the wheels the image lacks
+# One bench/speed.py run on the H200 device machine in one call (carry .whl; .gg only matters to the suite, and both together now pass the 64 MiB a call may carry): the wheels the image lacks
 # (gpu_suite.sh prep), the random Falcon-7B, then the variants named.
 #   usage: LIMIT_S=... BUDGET=... bash bench/gpu_speed.sh <name under $OUT> <comma-separated variants>
 set -o pipefail
