@@ -86,6 +86,11 @@ def test_row_layout_from_the_collators_lengths_is_the_one_read_from_positions(le
     got = F.segments_from_lengths(b["cu_seq_lens_q"], b["max_length_q"], b["position_ids"].shape[1])
     assert (got.n, got.max_len, got.total, got.equal) == (want.n, want.max_len, want.total, want.equal)
     assert torch.equal(got.index, want.index) and torch.equal(got.flat, want.flat)
+    # the layout itself: row r's gather starts at its first token, and flat picks every token back, in order
+    assert got.n == len(lengths) and got.max_len == max(lengths) and got.equal == (len(set(lengths)) == 1)
+    assert [int(got.index[r, 0]) for r in range(got.n)] == [sum(lengths[:r]) for r in range(got.n)]
+    tokens = torch.arange(got.total)
+    assert torch.equal(tokens[got.index].flatten()[got.flat], tokens)
 
 
 def test_backbone_called_with_the_collators_lengths_never_reads_rows_back(tiny_falcon, monkeypatch):
