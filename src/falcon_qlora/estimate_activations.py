@@ -37,12 +37,13 @@ def lora_weight_copies(sh: dict, cfg: RunConfig, d: int, fused_lora: bool, act_b
     return (a + (b if not fused_lora or act_bytes == d else 0)) * d // sh["layers"]
 
 
-def _lora_saved(cfg: RunConfig, name: str, dim: int, d: int, shared: bool) -> int:
-    """Bytes per token that a LoRA branch keeps for backward: its input as A's GEMM sees it, the dropout mask,
-    A's output. Under autocast (d < 4) A runs in d, so the d-byte cast copy is what is kept, not the fp32 input."""
+def _lora_saved(cfg: RunConfig, name: str, dim: int, d: int, shared: bool, packed: bool = False) -> int:
+    """Bytes per token that a LoRA branch keeps for backward: its input as A's GEMM sees it, the dropout mask (a
+    byte per value; a bit with the profiles' packed masks), A's output. Under autocast (d < 4) A runs in d, so the
+    d-byte cast copy is what is kept, not the fp32 input."""
     if name not in cfg.lora_target_modules:
         return 0
-    mask = dim if cfg.lora_dropout > 0 else 0
+    mask = (dim // 8 if packed and dim % 8 == 0 else dim) if cfg.lora_dropout > 0 else 0
     if d < 4:
         return dim * d + mask + cfg.lora_r * d
     lb = 4  # fp32 run: falcon-qlora keeps LoRA weights in fp32
@@ -54,16 +55,18 @@ def _lora_saved(cfg: RunConfig, name: str, dim: int, d: int, shared: bool) -> in
 
 
 def layer_activation_bytes(sh: dict, cfg: RunConfig, seq: int, d: int, cuda: bool, fused_attention: bool = False,
-                           norm_bytes: int = 4, residual_bytes: int = 4, mask_len: int | None = None) -> int:
+                           norm_bytes: int = 4, residual_bytes: int = 4, mask_len: int | None = None,
+                           packed_masks: bool = False) -> int:
     """Bytes per token one decoder layer keeps for backward (no checkpointing). d: the compute dtype's bytes (< 4:
     autocast). norm_bytes: Falcon's LayerNorm output (fp32 under autocast; d with the profiles' norm patch), which
     sets the dtype of everything after it. fused_attention: the profiles' Falcon attention (SDPA flash per row).
     residual_bytes: Falcon's residual stream, fp32 (autocast's LayerNorm output feeds every residual add); a Llama's
     (its RMSNorm returns its input's dtype, so the MLP runs in it too). mask_len: the key length of the additive mask
-    each layer's SDPA keeps a copy of (padding-free rows: the whole micro-batch's tokens; default seq)."""
+    each layer's SDPA keeps a copy of (padding-free rows: the whole micro-batch's tokens; default seq). packed_masks:
+    LoRA dropout masks kept as bits (fast_paths.pack_dropout_masks)."""
     h, ffn, n, hd = sh["hidden"], sh["ffn"], sh["heads"], sh["head_dim"]
     plain_x = cfg.lora_dropout == 0 and d == 4  # LoRA A keeps the very input tensor
-    lo = lambda name, dim, shared=False: _lora_saved(cfg, name, dim, d, shared)  # noqa: E731
+    lo = lambda name, dim, shared=False: _lora_saved(cfg, name, dim, d, shared, packed_masks)  # noqa: E731
     kv = h if sh["expand_kv"] or sh["gated_mlp"] else sh["kv_heads"] * hd
     if fused_attention:  # q, k, v (multi-query K/V expanded as views), output, log-sum-exp; no probabilities
         attn = 2 * h * d + 2 * sh["kv_heads"] * hd * d + n * 4

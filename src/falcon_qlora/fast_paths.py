@@ -4,6 +4,7 @@
     patch_falcon_attention(model)   # padding-free rows through SDPA's fused kernels, one causal block per row
     patch_lora_forward(model)       # each LoRA layer as one GEMM: addmm(result, A(dropout(x)), B^T, alpha=scale)
     cache_dequantized_weights(model)  # the frozen 4-bit weights dequantized once, not twice per step (GPU memory)
+    pack_dropout_masks(model)       # LoRA dropout masks kept for backward as bits, not bytes
     compile_layers(model)           # torch.compile of each decoder layer: the element-wise glue fused
 
 Each computes what the stock code computes (tests/test_profiles.py checks the gradients); generation, padded eval
@@ -285,7 +286,8 @@ def register_ops() -> None:
     torch.ops.falcon_qlora.*: torch.compile would trace into a functools.cache wrapper, find the registration
     and break the layer's graph there, at every LoRA layer."""
     _linear_lora()
-    _aten_dropout()
+    _aten_dropout("dropout", packed=False)
+    _aten_dropout("dropout_packed", packed=True)
 
 
 @functools.cache
@@ -331,21 +333,59 @@ def _dropout(module, x):
     """LoRA's dropout. Inside torch.compile it runs as aten's dropout, an op the graph keeps whole: inductor's own
     lowering draws every random number with a Philox call of its own, which on an H200 costs more than the rest of
     the fused element-wise work (bench/NOTES.md), and its masks differ from eager ones. aten's kernel draws the same
-    masks compiled or not, from the same seed, and checkpointing's recompute replays them."""
+    masks compiled or not, from the same seed, and checkpointing's recompute replays them. Where pack_dropout_masks
+    marked the module, the mask autograd keeps is packed to bits (same mask, same gradients)."""
     import torch
-    if (ATEN_DROPOUT and torch.compiler.is_compiling() and type(module) is torch.nn.Dropout and module.training
-            and 0 < module.p < 1):
+    if not (type(module) is torch.nn.Dropout and module.training and 0 < module.p < 1):
+        return module(x)
+    if getattr(module, "_fq_pack", False) and torch.is_grad_enabled() and x.shape[-1] % 8 == 0:
+        return torch.ops.falcon_qlora.dropout_packed(x, module.p)[0]
+    if ATEN_DROPOUT and torch.compiler.is_compiling():
         return torch.ops.falcon_qlora.dropout(x, module.p)[0]
     return module(x)
 
 
+def pack_dropout_masks(model) -> int:
+    """Keep each LoRA dropout mask for backward as bits instead of bytes: 1/8 of the mask memory (at 8 rows of 512
+    tokens, 130 MB -> 16 MB per Falcon-7B layer), for one small packing kernel. The memory profile uses it, where a
+    recomputed layer's masks are a fifth of what it holds. Returns the number of dropout modules marked."""
+    import torch
+    register_ops()
+    n = 0
+    for m in model.modules():
+        for d in (getattr(m, "lora_dropout", None) or {}).values():
+            if type(d) is torch.nn.Dropout:
+                d._fq_pack = True
+                n += 1
+    return n
+
+
+def unpack_dropout_masks(model) -> None:
+    for m in model.modules():
+        m.__dict__.pop("_fq_pack", None)
+
+
+def _pack_bits(mask):
+    """bool (..., n) with n % 8 == 0 -> uint8 (..., n // 8), element 8i + j in bit j of byte i."""
+    import torch
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (mask.unflatten(-1, (-1, 8)).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed):
+    import torch
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()
+
+
 @functools.cache
-def _aten_dropout():
-    """falcon_qlora::dropout(x, p) -> (x * mask / (1 - p), mask): torch.ops.aten.native_dropout as a custom op
-    (opaque to inductor), with its backward (grad * mask / (1 - p)) for autograd. Registered once per process."""
+def _aten_dropout(name: str, packed: bool):
+    """falcon_qlora::<name>(x, p) -> (x * mask / (1 - p), mask): torch.ops.aten.native_dropout as a custom op
+    (opaque to inductor), with its backward (grad * mask / (1 - p)) for autograd; `packed`: the mask is kept for
+    backward as bits. Registered once per process."""
     import torch
 
-    @torch.library.custom_op("falcon_qlora::dropout", mutates_args=(), schema="(Tensor x, float p) -> (Tensor, Tensor)")
+    @torch.library.custom_op(f"falcon_qlora::{name}", mutates_args=(), schema="(Tensor x, float p) -> (Tensor, Tensor)")
     def dropout(x, p):
         return torch.ops.aten.native_dropout(x, p, True)
 
@@ -355,11 +395,11 @@ def _aten_dropout():
 
     def setup_context(ctx, inputs, output):
         ctx.scale = 1.0 / (1.0 - inputs[1])
-        ctx.save_for_backward(output[1])
+        ctx.save_for_backward(_pack_bits(output[1]) if packed else output[1])
 
     def backward(ctx, grad, _grad_mask):
         (mask,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, mask, ctx.scale), None
+        return torch.ops.aten.native_dropout_backward(grad, _unpack_bits(mask) if packed else mask, ctx.scale), None
 
     dropout.register_autograd(backward, setup_context=setup_context)
     return dropout

@@ -19,13 +19,13 @@ in fast_paths.py, the offloading in offload.py):
     memory.py for the model's own shape), fused torch AdamW instead of paged bnb AdamW 32-bit.
   - memory: gradient checkpointing kept, its layer inputs in pinned host memory (offload.py), so micro-batches of up
     to plan.MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head; the paged AdamW
-    stepped without a host sync per tensor (optimizer.py).
+    stepped without a host sync per tensor (optimizer.py); LoRA dropout masks kept for backward as bits.
 Generation, eval of padded batches and non-Falcon models fall through to the stock code paths.
 """
 from __future__ import annotations
 
-from .fast_paths import (cache_dequantized_weights, compile_layers, norms_in_compute_dtype, patch_falcon_attention,
-                         patch_lora_forward, unwrap)
+from .fast_paths import (cache_dequantized_weights, compile_layers, norms_in_compute_dtype, pack_dropout_masks,
+                         patch_falcon_attention, patch_lora_forward, unwrap)
 
 
 def apply_profile(model, args, plan, tokenizer=None):
@@ -70,6 +70,8 @@ def apply_profile(model, args, plan, tokenizer=None):
         patch_lora_forward(model)
     if "weight_cache" in parts:
         cache_dequantized_weights(model)
+    if "packed_masks" in parts:
+        pack_dropout_masks(model)
     if "compile" in parts:
         compile_layers(model, plan.checkpointing)
     if plan.head_chunk:
@@ -120,11 +122,12 @@ def padding_free_collator(tokenizer):
 
 def remove_profile(model) -> None:
     """Undo every patch of apply_profile (the benchmark reuses one base model)."""
-    from .fast_paths import drop_weight_cache, uncompile_layers
+    from .fast_paths import drop_weight_cache, uncompile_layers, unpack_dropout_masks
     from .offload import remove_offload
     if _HEAD_CHUNK_DEFAULT:
         _set_head_chunk(None)
     remove_offload(model)
+    unpack_dropout_masks(model)
     uncompile_layers(model)
     drop_weight_cache(model)
     for m in unwrap(model).modules():
