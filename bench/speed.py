@@ -568,9 +568,23 @@ def main() -> None:
                                                      fast_paths_over={"SEGMENTS_FROM_COLLATOR": False})),
         # the memory profile over 12 steps (8 leave 3 measured after the recompiles), and one step profiled
         ("memory_compiled_12", full, dict(profile="memory", steps=steps_mid, compile_layers="on")),
+        ("memory_compiled_20", full, dict(profile="memory", steps=steps_long, compile_layers="on")),  # loss check
         ("memory_compiled_inductor_dropout_12", full, dict(profile="memory", steps=steps_mid,
                                                            compile_layers="on", fast_paths_over={"ATEN_DROPOUT": False})),
         ("memory_compiled_profiled", full, dict(profile="memory", steps=12, compile_layers="on", prof_step=10)),
+        # the memory profile's last three levers, each left out: the 4-bit base and B GEMMs as two ops (inductor
+        # copies the base output first), bitsandbytes' sync after each paged optimizer tensor, masks as bytes
+        ("memory_compiled_12_two_ops", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
+                                                  fast_paths_over={"LORA_4BIT": False})),
+        ("memory_compiled_12_synced_optim", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
+                                                       trainer_parts=tuple(x for x in P.PROFILE_PARTS["memory"]
+                                                                           if x != "async_optim"))),
+        ("memory_compiled_12_byte_masks", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
+                                                     trainer_parts=tuple(x for x in P.PROFILE_PARTS["memory"]
+                                                                         if x != "packed_masks"))),
+        # three steady memory steps in a row under the profiler (trace written beside the results)
+        ("memory_compiled_profiled_3", full, dict(profile="memory", steps=14, compile_layers="on",
+                                                  prof_step=(10, 3))),
         ("speed_eager", full, dict(profile="speed", steps=steps_long, trainer_parts=eager)),
         ("speed_eager_compiled", full, dict(profile="speed", steps=steps_long, trainer_parts=eager + ("compile",))),
         # the memory profile at 16 rows per micro-batch, and without offloading (the reference's 4 x 4 split)
