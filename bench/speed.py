@@ -572,13 +572,11 @@ def main() -> None:
         ("memory_compiled_inductor_dropout_12", full, dict(profile="memory", steps=steps_mid,
                                                            compile_layers="on", fast_paths_over={"ATEN_DROPOUT": False})),
         ("memory_compiled_profiled", full, dict(profile="memory", steps=12, compile_layers="on", prof_step=10)),
-        # the memory profile's last three levers, each left out: the 4-bit base and B GEMMs as two ops (inductor
-        # copies the base output first), bitsandbytes' sync after each paged optimizer tensor, masks as bytes
+        # the memory profile's last levers, each left out: the 4-bit base and B GEMMs as two ops (inductor copies the
+        # base output first), masks as bytes. Run 17 also measured bitsandbytes' paged AdamW without its sync after
+        # each tensor ("memory_compiled_12_synced_optim" there is today's memory profile; the unsynced one is gone)
         ("memory_compiled_12_two_ops", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
                                                   fast_paths_over={"LORA_4BIT": False})),
-        ("memory_compiled_12_synced_optim", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
-                                                       trainer_parts=tuple(x for x in P.PROFILE_PARTS["memory"]
-                                                                           if x != "async_optim"))),
         ("memory_compiled_12_byte_masks", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
                                                      trainer_parts=tuple(x for x in P.PROFILE_PARTS["memory"]
                                                                          if x != "packed_masks"))),

@@ -22,13 +22,12 @@ PROFILES = ("reference", "speed", "memory")
 #   attention through SDPA per row; norms: layer-norm outputs in the compute dtype; lora: each LoRA layer as one GEMM;
 #   optim: fused torch AdamW for paged bnb AdamW; head_chunks: narrower tiles in TRL's fused LM head; offload:
 #   checkpointed layer inputs in pinned host memory; weight_cache: the 4-bit weights dequantized once (kept only where
-#   the speed split still fits with them); compile: torch.compile of each decoder layer; async_optim: a paged
-#   bitsandbytes optimizer stepped without a host sync per tensor (optimizer.py); packed_masks: LoRA dropout masks
-#   kept for backward as bits; bf16_residual (benchmark only): the residual stream in bf16 too.
+#   the speed split still fits with them); compile: torch.compile of each decoder layer; packed_masks: LoRA dropout
+#   masks kept for backward as bits; bf16_residual (benchmark only): the residual stream in bf16 too.
 PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim", "weight_cache", "compile")
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
-                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload", "async_optim",
-                            "packed_masks", "compile")}
+                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload", "packed_masks",
+                            "compile")}
 COMPILE_CAPABILITY = (8, 0)  # compile is measured on Hopper; Triton's bf16 kernels want Ampere or newer
 # compile_layers=auto compiles runs of at least this many steps. On the H200 the layers compile in ~20 s, and again
 # (~20-40 s) when a new row layout first arrives; speed then gains 0.07 s per 512-token step over its eager layers

@@ -18,8 +18,8 @@ in fast_paths.py, the offloading in offload.py):
   - speed: no gradient checkpointing, the effective batch in as few micro-batches as free memory allows (costed by
     memory.py for the model's own shape), fused torch AdamW instead of paged bnb AdamW 32-bit.
   - memory: gradient checkpointing kept, its layer inputs in pinned host memory (offload.py), so micro-batches of up
-    to plan.MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head; the paged AdamW
-    stepped without a host sync per tensor (optimizer.py); LoRA dropout masks kept for backward as bits.
+    to plan.MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head; LoRA dropout masks kept
+    for backward as bits.
 Generation, eval of padded batches and non-Falcon models fall through to the stock code paths.
 """
 from __future__ import annotations
@@ -77,11 +77,6 @@ def apply_profile(model, args, plan, tokenizer=None):
     if plan.head_chunk:
         _set_head_chunk(plan.head_chunk)
     trainer_kwargs = {}
-    if "async_optim" in parts and not isinstance(args, dict):
-        from .optimizer import without_syncs
-        chosen = without_syncs(args, model)  # None unless the optimizer is a paged bitsandbytes one
-        if chosen:
-            trainer_kwargs["optimizer_cls_and_kwargs"] = chosen
     if plan.padding_free:
         trainer_kwargs["data_collator"] = padding_free_collator(tokenizer)
     return model, args, trainer_kwargs
