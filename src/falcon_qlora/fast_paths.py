@@ -361,16 +361,17 @@ def _dequantize(q, absmax, nested_absmax, nested_code, offset, shape, blocksize,
 @functools.cache
 def _linear_lora_4bit():
     """falcon_qlora::linear_lora_4bit(x, h, b, scale, <4-bit weight>) = x @ W.T + scale * h @ b.T, with W a frozen
-    bitsandbytes 4-bit weight dequantized inside the op (again in backward, as bitsandbytes does; nothing
-    dequantized is kept). One op with linear_lora's GEMM order: the base GEMM accumulates onto LoRA's B GEMM, where
-    the base output then addmm(base output, h, b.T) copies the base output first (a device-to-device copy per LoRA
-    layer, bench/NOTES.md)."""
+    bitsandbytes 4-bit weight dequantized inside the op, and again inside its backward op (as bitsandbytes does;
+    nothing dequantized is kept). One op with linear_lora's GEMM order: the base GEMM accumulates onto LoRA's B
+    GEMM, where the base output then addmm(base output, h, b.T) copies the base output first (a device-to-device
+    copy per LoRA layer, bench/NOTES.md). Both directions are opaque to inductor, so a compiled graph cannot move a
+    dequantization away from the GEMM that consumes it (and hold several weights at once)."""
     import torch
+    weight = ("Tensor q, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int[] shape, "
+              "int blocksize, int nested_blocksize, str quant_type, ScalarType wdtype")
 
-    @torch.library.custom_op("falcon_qlora::linear_lora_4bit", mutates_args=(), schema=(
-        "(Tensor x, Tensor h, Tensor b, float scale, Tensor q, Tensor absmax, Tensor? nested_absmax, "
-        "Tensor? nested_code, Tensor? offset, int[] shape, int blocksize, int nested_blocksize, str quant_type, "
-        "ScalarType wdtype) -> Tensor"))
+    @torch.library.custom_op("falcon_qlora::linear_lora_4bit", mutates_args=(),
+                             schema=f"(Tensor x, Tensor h, Tensor b, float scale, {weight}) -> Tensor")
     def linear_lora_4bit(x, h, b, scale, *q):
         w = _dequantize(*q, x.dtype)
         return torch.mm(h, b.t()).addmm_(x, w.t(), beta=scale)
@@ -379,17 +380,30 @@ def _linear_lora_4bit():
     def _(x, h, b, scale, *q):
         return x.new_empty(x.shape[0], q[5][0])
 
+    @torch.library.custom_op("falcon_qlora::linear_lora_4bit_backward", mutates_args=(), schema=(
+        f"(Tensor grad, Tensor h, Tensor b, float scale, {weight}, bool need_x) -> (Tensor, Tensor, Tensor)"))
+    def linear_lora_4bit_backward(grad, h, b, scale, *q_need):
+        *q, need_x = q_need
+        gx = grad.mm(_dequantize(*q, grad.dtype)) if need_x else grad.new_empty(0)
+        return gx, grad.mm(b) * scale, grad.t().mm(h) * scale
+
+    @linear_lora_4bit_backward.register_fake
+    def _(grad, h, b, scale, *q_need):
+        shape, need_x = q_need[5], q_need[-1]
+        return grad.new_empty(grad.shape[0], shape[1]) if need_x else grad.new_empty(0), torch.empty_like(h), \
+            torch.empty_like(b)
+
     def setup_context(ctx, inputs, output):
         x, h, b, scale, *q = inputs
-        ctx.scale, ctx.meta, ctx.dtype = scale, q[5:], x.dtype
+        ctx.scale, ctx.meta = scale, q[5:]
         ctx.save_for_backward(h, b, *q[:5])
 
     def backward(ctx, grad):
         h, b, *q = ctx.saved_tensors
-        gx = grad.mm(_dequantize(*q, *ctx.meta, ctx.dtype)) if ctx.needs_input_grad[0] else None
-        gh = grad.mm(b) * ctx.scale if ctx.needs_input_grad[1] else None
-        gb = grad.t().mm(h) * ctx.scale if ctx.needs_input_grad[2] else None
-        return (gx, gh, gb) + (None,) * 11
+        need_x = ctx.needs_input_grad[0]
+        gx, gh, gb = torch.ops.falcon_qlora.linear_lora_4bit_backward(grad, h, b, ctx.scale, *q, *ctx.meta, need_x)
+        return (gx if need_x else None, gh if ctx.needs_input_grad[1] else None,
+                gb if ctx.needs_input_grad[2] else None) + (None,) * 11
 
     linear_lora_4bit.register_autograd(backward, setup_context=setup_context)
     return linear_lora_4bit
