@@ -365,8 +365,9 @@ def test_4bit_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arch,
     w = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert not [t for t in saved if t.shape == w.shape and t.is_floating_point()]  # no dequantized weight kept
     monkeypatch.undo()
-    q = fast_paths._quantized_weight(layer, torch.zeros(1, w.shape[1]))
-    x, h, b = (torch.randn(s) for s in ((6, w.shape[1]), (6, 3), (w.shape[0], 3)))
+    dev = layer.weight.device  # the model's: a GPU where one is present
+    q = fast_paths._quantized_weight(layer, torch.zeros(1, w.shape[1], device=dev))
+    x, h, b = (torch.randn(s, device=dev) for s in ((6, w.shape[1]), (6, 3), (w.shape[0], 3)))
     torch.testing.assert_close(op(x, h, b, 0.5, *q), x @ w.T + 0.5 * h @ b.T)
     torch.library.opcheck(op, (x.requires_grad_(), h.requires_grad_(), b.requires_grad_(), 0.5, *q))
 
