@@ -572,11 +572,9 @@ def main() -> None:
         ("memory_compiled_inductor_dropout_12", full, dict(profile="memory", steps=steps_mid,
                                                            compile_layers="on", fast_paths_over={"ATEN_DROPOUT": False})),
         ("memory_compiled_profiled", full, dict(profile="memory", steps=12, compile_layers="on", prof_step=10)),
-        # the memory profile's last levers, each left out: the 4-bit base and B GEMMs as two ops (inductor copies the
-        # base output first), masks as bytes. Run 17 also measured bitsandbytes' paged AdamW without its sync after
-        # each tensor ("memory_compiled_12_synced_optim" there is today's memory profile; the unsynced one is gone)
-        ("memory_compiled_12_two_ops", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
-                                                  fast_paths_over={"LORA_4BIT": False})),
+        # the memory profile with its dropout masks kept as bytes (run 17 also measured two levers since dropped: the
+        # 4-bit base and LoRA B GEMMs as one op, "memory_compiled_12" there; the paged AdamW without its per-tensor
+        # syncs, the one not in "memory_compiled_12_synced_optim")
         ("memory_compiled_12_byte_masks", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
                                                      trainer_parts=tuple(x for x in P.PROFILE_PARTS["memory"]
                                                                          if x != "packed_masks"))),

@@ -342,36 +342,6 @@ def test_cached_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arc
         torch.testing.assert_close(op(x, w, h, b, 0.5), x @ w.T + 0.5 * h @ b.T)
 
 
-def test_4bit_lora_layers_run_base_and_lora_gemms_as_one_op(tiny_falcon_7b_arch, tmp_path, monkeypatch):
-    """Without the dequantized weights, each LoRA layer on a 4-bit base computes x @ W.T + scale * h @ B.T as one op
-    that dequantizes W itself, forward and backward, keeping nothing dequantized for backward; it gives the
-    reference LoRA gradients (fp32: to rounding)."""
-    from bitsandbytes.functional import dequantize_4bit
-    from bitsandbytes.nn import Linear4bit
-    from falcon_qlora import fast_paths
-    cfg, model = _model(tiny_falcon_7b_arch, tmp_path)
-    rows = _rows()
-    ref = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
-    n = fast_paths.patch_lora_forward(model)
-    op = torch.ops.falcon_qlora.linear_lora_4bit
-    calls, saved = [], []
-    real = fast_paths._quantized_weight  # the op's weight arguments, or None: the stock path
-    monkeypatch.setattr(fast_paths, "_quantized_weight", lambda *a: calls.append(real(*a)) or calls[-1])
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        got = _lora_grads(model, rows, padding_free=False, micro_batch=2, dtype=torch.float32)
-    assert n == 8 and len(calls) == 2 * n and None not in calls  # every 4-bit LoRA layer, both micro-batches
-    assert _rel_err(got, ref) < 1e-6
-    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
-    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    assert not [t for t in saved if t.shape == w.shape and t.is_floating_point()]  # no dequantized weight kept
-    monkeypatch.undo()
-    dev = layer.weight.device  # the model's: a GPU where one is present
-    q = fast_paths._quantized_weight(layer, torch.zeros(1, w.shape[1], device=dev))
-    x, h, b = (torch.randn(s, device=dev) for s in ((6, w.shape[1]), (6, 3), (w.shape[0], 3)))
-    torch.testing.assert_close(op(x, h, b, 0.5, *q), x @ w.T + 0.5 * h @ b.T)
-    torch.library.opcheck(op, (x.requires_grad_(), h.requires_grad_(), b.requires_grad_(), 0.5, *q))
-
-
 def test_packed_dropout_masks_give_the_same_gradients_from_an_eighth_of_the_mask_bytes(tiny_falcon_7b_arch, tmp_path):
     """pack_dropout_masks keeps each LoRA dropout mask for backward as bits: the same masks (same seed), the same
     gradients bit for bit, and autograd keeps N / 8 bytes of masks for N dropped values instead of at least N."""

@@ -257,12 +257,6 @@ def _lora_forward(self, x, *args, **kwargs):
             out = torch.ops.falcon_qlora.linear_lora(x.reshape(-1, x.shape[-1]), w, h.reshape(-1, h.shape[-1]).to(
                 w.dtype), lora_b.weight.to(w.dtype), self.scaling[a])
         return out.view(*x.shape[:-1], w.shape[0])
-    q = _quantized_weight(self.base_layer, x) if LORA_4BIT else None
-    if q is not None:  # the 4-bit weight, dequantized inside the op, forward and backward, as bitsandbytes does
-        with torch.autocast(x.device.type, enabled=False):
-            out = torch.ops.falcon_qlora.linear_lora_4bit(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]).to(
-                x.dtype), lora_b.weight.to(x.dtype), self.scaling[a], *q)
-        return out.view(*x.shape[:-1], out.shape[-1])
     result = self.base_layer(x)
     with torch.autocast(x.device.type, enabled=False):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
@@ -283,22 +277,7 @@ def _cached_weight(base, x):
     return w
 
 
-def _quantized_weight(base, x):
-    """linear_lora_4bit's weight arguments for a bitsandbytes 4-bit layer whose forward the op computes exactly (x in
-    its compute dtype, no bias, no hooks, the weight in bitsandbytes' [out, in] layout); None otherwise."""
-    qs = getattr(getattr(base, "weight", None), "quant_state", None)
-    if (qs is None or getattr(base, "bias", None) is not None or "forward" in base.__dict__ or base._forward_hooks
-            or base._forward_pre_hooks or x.dtype != getattr(base, "compute_dtype", None) or len(qs.shape) != 2
-            or qs.shape[1] != x.shape[-1] or getattr(qs, "packing_format_for_cpu", False)):
-        return None
-    nested = qs.state2 if qs.nested else None
-    return (base.weight, qs.absmax, nested.absmax if nested else None, nested.code if nested else None,
-            qs.offset if nested else None, list(qs.shape), qs.blocksize, nested.blocksize if nested else 0,
-            qs.quant_type, qs.dtype)
-
-
 LINEAR_LORA = True  # with the weight cache, base and B GEMMs as one op (False: base forward, then addmm; for the bench)
-LORA_4BIT = True  # without it, the 4-bit base and B GEMMs as one op too (False: base forward, then addmm; for the bench)
 LORA_FIRST = True  # in that op, the B GEMM first and the base GEMM accumulating onto it (False: the other order)
 
 
@@ -307,7 +286,6 @@ def register_ops() -> None:
     torch.ops.falcon_qlora.*: torch.compile would trace into a functools.cache wrapper, find the registration
     and break the layer's graph there, at every LoRA layer."""
     _linear_lora()
-    _linear_lora_4bit()
     _aten_dropout("dropout", packed=False)
     _aten_dropout("dropout_packed", packed=True)
 
@@ -346,67 +324,6 @@ def _linear_lora():
 
     linear_lora.register_autograd(backward, setup_context=setup_context)
     return linear_lora
-
-
-def _dequantize(q, absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize, quant_type,
-                wdtype, dtype):
-    """bitsandbytes.functional.dequantize_4bit(q, quant_state).to(dtype), from the quant state's tensors."""
-    import torch
-    if nested_absmax is not None:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize,
-                                                             torch.float32) + offset
-    return torch.ops.bitsandbytes.dequantize_4bit(q.view(-1, 1), absmax, blocksize, quant_type, shape, wdtype).to(dtype)
-
-
-@functools.cache
-def _linear_lora_4bit():
-    """falcon_qlora::linear_lora_4bit(x, h, b, scale, <4-bit weight>) = x @ W.T + scale * h @ b.T, with W a frozen
-    bitsandbytes 4-bit weight dequantized inside the op, and again inside its backward op (as bitsandbytes does;
-    nothing dequantized is kept). One op with linear_lora's GEMM order: the base GEMM accumulates onto LoRA's B
-    GEMM, where the base output then addmm(base output, h, b.T) copies the base output first (a device-to-device
-    copy per LoRA layer, bench/NOTES.md). Both directions are opaque to inductor, so a compiled graph cannot move a
-    dequantization away from the GEMM that consumes it (and hold several weights at once)."""
-    import torch
-    weight = ("Tensor q, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int[] shape, "
-              "int blocksize, int nested_blocksize, str quant_type, ScalarType wdtype")
-
-    @torch.library.custom_op("falcon_qlora::linear_lora_4bit", mutates_args=(),
-                             schema=f"(Tensor x, Tensor h, Tensor b, float scale, {weight}) -> Tensor")
-    def linear_lora_4bit(x, h, b, scale, *q):
-        w = _dequantize(*q, x.dtype)
-        return torch.mm(h, b.t()).addmm_(x, w.t(), beta=scale)
-
-    @linear_lora_4bit.register_fake
-    def _(x, h, b, scale, *q):
-        return x.new_empty(x.shape[0], q[5][0])
-
-    @torch.library.custom_op("falcon_qlora::linear_lora_4bit_backward", mutates_args=(), schema=(
-        f"(Tensor grad, Tensor h, Tensor b, float scale, {weight}, bool need_x) -> (Tensor, Tensor, Tensor)"))
-    def linear_lora_4bit_backward(grad, h, b, scale, *q_need):
-        *q, need_x = q_need
-        gx = grad.mm(_dequantize(*q, grad.dtype)) if need_x else grad.new_empty(0)
-        return gx, grad.mm(b) * scale, grad.t().mm(h) * scale
-
-    @linear_lora_4bit_backward.register_fake
-    def _(grad, h, b, scale, *q_need):
-        shape, need_x = q_need[5], q_need[-1]
-        return grad.new_empty(grad.shape[0], shape[1]) if need_x else grad.new_empty(0), torch.empty_like(h), \
-            torch.empty_like(b)
-
-    def setup_context(ctx, inputs, output):
-        x, h, b, scale, *q = inputs
-        ctx.scale, ctx.meta = scale, q[5:]
-        ctx.save_for_backward(h, b, *q[:5])
-
-    def backward(ctx, grad):
-        h, b, *q = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        gx, gh, gb = torch.ops.falcon_qlora.linear_lora_4bit_backward(grad, h, b, ctx.scale, *q, *ctx.meta, need_x)
-        return (gx if need_x else None, gh if ctx.needs_input_grad[1] else None,
-                gb if ctx.needs_input_grad[2] else None) + (None,) * 11
-
-    linear_lora_4bit.register_autograd(backward, setup_context=setup_context)
-    return linear_lora_4bit
 
 
 ATEN_DROPOUT = True  # in compiled layers, LoRA dropout through aten's kernel (False: inductor's own, for the bench)
