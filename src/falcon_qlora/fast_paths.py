@@ -334,21 +334,24 @@ def _dropout(module, x):
     lowering draws every random number with a Philox call of its own, which on an H200 costs more than the rest of
     the fused element-wise work (bench/NOTES.md), and its masks differ from eager ones. aten's kernel draws the same
     masks compiled or not, from the same seed, and checkpointing's recompute replays them. Where pack_dropout_masks
-    marked the module, the mask autograd keeps is packed to bits (same mask, same gradients)."""
+    marked the module, compiled layers keep the mask for backward packed to bits (same mask, same gradients)."""
     import torch
-    if not (type(module) is torch.nn.Dropout and module.training and 0 < module.p < 1):
+    if not (torch.compiler.is_compiling() and type(module) is torch.nn.Dropout and module.training
+            and 0 < module.p < 1):
         return module(x)
     if getattr(module, "_fq_pack", False) and torch.is_grad_enabled() and x.shape[-1] % 8 == 0:
         return torch.ops.falcon_qlora.dropout_packed(x, module.p)[0]
-    if ATEN_DROPOUT and torch.compiler.is_compiling():
+    if ATEN_DROPOUT:
         return torch.ops.falcon_qlora.dropout(x, module.p)[0]
     return module(x)
 
 
 def pack_dropout_masks(model) -> int:
-    """Keep each LoRA dropout mask for backward as bits instead of bytes: 1/8 of the mask memory (at 8 rows of 512
-    tokens, 130 MB -> 16 MB per Falcon-7B layer), for one small packing kernel. The memory profile uses it, where a
-    recomputed layer's masks are a fifth of what it holds. Returns the number of dropout modules marked."""
+    """Keep each LoRA dropout mask for backward as bits instead of bytes, in compiled layers: 1/8 of the mask memory
+    (at 8 rows of 512 tokens, 130 MB -> 16 MB per Falcon-7B layer). The memory profile uses it, where a recomputed
+    layer's masks are a fifth of what it holds. Inductor fuses the packing into the kernels around it; eager layers
+    keep byte masks, as unfused packing would hold more in temporaries than it saves. Returns the number of dropout
+    modules marked."""
     import torch
     register_ops()
     n = 0

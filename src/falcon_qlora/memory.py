@@ -159,7 +159,8 @@ def peak(cfg: RunConfig, plan) -> dict:
     static = weights + cache + lora_b + held_grads + (0 if paged else optim)
 
     mask_len = T if "padding_free" in parts and not falcon else None  # one mask over the rows laid end to end
-    layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res, mask_len, "packed_masks" in parts) * T
+    packed = "packed_masks" in parts and "compile" in parts  # fast_paths.pack_dropout_masks: compiled layers only
+    layer = layer_activation_bytes(sh, cfg, s, d, cuda, fused, nb, res, mask_len, packed) * T
     layer += lora_weight_copies(sh, cfg, d, "lora" in parts, nb if falcon else res)
     dequant = max(sizes) * d if cfg.load_in_4bit and not cached else 0  # one weight at a time, forward and backward
     probs = sh["heads"] * s * 4 if sh["multi_query"] and not fused else 0

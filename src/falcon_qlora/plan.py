@@ -23,7 +23,8 @@ PROFILES = ("reference", "speed", "memory")
 #   optim: fused torch AdamW for paged bnb AdamW; head_chunks: narrower tiles in TRL's fused LM head; offload:
 #   checkpointed layer inputs in pinned host memory; weight_cache: the 4-bit weights dequantized once (kept only where
 #   the speed split still fits with them); compile: torch.compile of each decoder layer; packed_masks: LoRA dropout
-#   masks kept for backward as bits; bf16_residual (benchmark only): the residual stream in bf16 too.
+#   masks kept for backward as bits (in compiled layers); bf16_residual (benchmark only): the residual stream in bf16
+#   too.
 PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim", "weight_cache", "compile")
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
                  "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload", "packed_masks",
