@@ -27,8 +27,8 @@ PROFILES = ("reference", "speed", "memory")
 #   too.
 PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim", "weight_cache", "compile")
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
-                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload", "packed_masks",
-                            "compile")}
+                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload",
+                            "packed_masks", "compile")}
 COMPILE_CAPABILITY = (8, 0)  # compile is measured on Hopper; Triton's bf16 kernels want Ampere or newer
 # compile_layers=auto compiles runs of at least this many steps. On the H200 the layers compile in ~20 s, and again
 # (~20-40 s) when a new row layout first arrives; speed then gains 0.07 s per 512-token step over its eager layers

@@ -18,8 +18,8 @@ in fast_paths.py, the offloading in offload.py):
   - speed: no gradient checkpointing, the effective batch in as few micro-batches as free memory allows (costed by
     memory.py for the model's own shape), fused torch AdamW instead of paged bnb AdamW 32-bit.
   - memory: gradient checkpointing kept, its layer inputs in pinned host memory (offload.py), so micro-batches of up
-    to plan.MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head; LoRA dropout masks kept
-    for backward as bits in compiled layers.
+    to plan.MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head; LoRA dropout
+    masks kept for backward as bits in compiled layers.
 Generation, eval of padded batches and non-Falcon models fall through to the stock code paths.
 """
 from __future__ import annotations
