@@ -104,14 +104,16 @@ def test_auto_is_reference_on_a_cpu_and_without_a_known_gpu():
 
 
 def test_the_plan_carries_what_the_profile_changes():
-    """One owner for what estimate used to re-derive: fused AdamW for paged AdamW on a GPU, norms in bf16, the memory
-    profile's narrower LM-head tiles, padding-free rows unless packing lays them out already."""
+    """One owner for what estimate used to re-derive: fused AdamW for paged AdamW on a GPU (the memory profile's with
+    its moments still paged), norms in bf16, the memory profile's narrower LM-head tiles, padding-free rows unless
+    packing lays them out already."""
     cfg = load_config("reference")
     speed = P.make_plan(cfg, H200_FREE, device="cuda", profile="speed")
     assert speed.optim == "adamw_torch_fused" and speed.norms and speed.padding_free and speed.head_chunk is None
     assert P.make_plan(cfg, H200_FREE, device="cpu", profile="speed").optim == cfg.optim == "paged_adamw_32bit"
     memory = P.make_plan(cfg, device="cuda", profile="memory")
-    assert memory.head_chunk == P.HEAD_CHUNK and memory.optim == "paged_adamw_32bit"
+    assert memory.head_chunk == P.HEAD_CHUNK and memory.optim == P.PAGED_FUSED_ADAM
+    assert P.make_plan(cfg, device="cpu", profile="memory").optim == cfg.optim
     assert not P.make_plan(load_config("reference", packing=True), device="cuda", profile="memory").padding_free
     ref = P.make_plan(cfg, device="cuda", profile="reference")
     assert (ref.micro_batch, ref.accumulation, ref.checkpointing, ref.parts, ref.norms) == (4, 4, True, (), False)

@@ -20,15 +20,17 @@ PROFILES = ("reference", "speed", "memory")
 # The changes a profile makes (profiles.apply_profile applies each one; the benchmark picks subsets):
 #   split: the micro-batch split and checkpointing below; padding_free: rows laid end to end; attention: Falcon
 #   attention through SDPA per row; norms: layer-norm outputs in the compute dtype; lora: each LoRA layer as one GEMM;
-#   optim: fused torch AdamW for paged bnb AdamW; head_chunks: narrower tiles in TRL's fused LM head; offload:
+#   optim: fused torch AdamW for paged bnb AdamW (the memory profile's keeps its moments in unified memory, as bnb's
+#   does: optimizer.PagedAdamW); head_chunks: narrower tiles in TRL's fused LM head; offload:
 #   checkpointed layer inputs in pinned host memory; weight_cache: the 4-bit weights dequantized once (kept only where
 #   the speed split still fits with them); compile: torch.compile of each decoder layer; packed_masks: LoRA dropout
 #   masks kept for backward as bits (in compiled layers); bf16_residual (benchmark only): the residual stream in bf16
 #   too.
 PARTS = ("split", "padding_free", "attention", "norms", "lora", "optim", "weight_cache", "compile")
 PROFILE_PARTS = {"reference": (), "speed": PARTS,
-                 "memory": ("split", "padding_free", "attention", "norms", "lora", "head_chunks", "offload",
+                 "memory": ("split", "padding_free", "attention", "norms", "lora", "optim", "head_chunks", "offload",
                             "packed_masks", "compile")}
+PAGED_FUSED_ADAM = "paged_adamw_32bit_fused"  # RunPlan.optim of the memory profile (optimizer.PagedAdamW)
 COMPILE_CAPABILITY = (8, 0)  # compile is measured on Hopper; Triton's bf16 kernels want Ampere or newer
 # compile_layers=auto compiles runs of at least this many steps. On the H200 the layers compile in ~20 s, and again
 # (~20-40 s) when a new row layout first arrives; speed then gains 0.07 s per 512-token step over its eager layers
@@ -147,8 +149,9 @@ def _plan(cfg: RunConfig, profile: str, reason: str, micro_batch: int, accumulat
           offload: bool, parts: tuple, device: str, processes: int = 1, free_bytes: int | None = None) -> RunPlan:
     from .memory import compute_bytes
     fused_adam = "optim" in parts and device == "cuda" and cfg.optim == "paged_adamw_32bit"
-    return RunPlan(profile, reason, micro_batch, accumulation, checkpointing, offload and checkpointing,
-                   optim="adamw_torch_fused" if fused_adam else cfg.optim,
+    # the memory profile keeps the moments out of the GPU's memory, as the reference does; speed has room for them
+    optim = (PAGED_FUSED_ADAM if profile == "memory" else "adamw_torch_fused") if fused_adam else cfg.optim
+    return RunPlan(profile, reason, micro_batch, accumulation, checkpointing, offload and checkpointing, optim=optim,
                    norms="norms" in parts and compute_bytes(cfg, device == "cuda") < 4,
                    head_chunk=HEAD_CHUNK if "head_chunks" in parts else None,
                    padding_free="padding_free" in parts and not cfg.packing, parts=parts, processes=processes,

@@ -19,13 +19,15 @@ in fast_paths.py, the offloading in offload.py):
     memory.py for the model's own shape), fused torch AdamW instead of paged bnb AdamW 32-bit.
   - memory: gradient checkpointing kept, its layer inputs in pinned host memory (offload.py), so micro-batches of up
     to plan.MEMORY_ROWS rows fit in the reference's memory; narrower tiles in TRL's fused LM head; LoRA dropout
-    masks kept for backward as bits in compiled layers.
+    masks kept for backward as bits in compiled layers; the reference's paged AdamW as one fused kernel
+    (optimizer.PagedAdamW: moments in unified memory, as bitsandbytes keeps them).
 Generation, eval of padded batches and non-Falcon models fall through to the stock code paths.
 """
 from __future__ import annotations
 
 from .fast_paths import (cache_dequantized_weights, compile_layers, norms_in_compute_dtype, pack_dropout_masks,
                          patch_falcon_attention, patch_lora_forward, unwrap)
+from .plan import PAGED_FUSED_ADAM
 
 
 def apply_profile(model, args, plan, tokenizer=None):
@@ -45,7 +47,14 @@ def apply_profile(model, args, plan, tokenizer=None):
             model.disable_input_require_grads()
         except AttributeError:
             pass
-    if plan.optim != getattr(get("optim"), "value", get("optim")):
+    trainer_kwargs = {}
+    if plan.optim == PAGED_FUSED_ADAM:  # Trainer builds it: TrainingArguments knows no such name, so the nearest
+        from .optimizer import PagedAdamW
+        changes["optim"] = _optim_name("adamw_torch_fused", isinstance(args, dict))
+        trainer_kwargs["optimizer_cls_and_kwargs"] = (PagedAdamW, dict(
+            lr=get("learning_rate", 5e-5), betas=(get("adam_beta1", 0.9), get("adam_beta2", 0.999)),
+            eps=get("adam_epsilon", 1e-8)))  # weight decay: Trainer's parameter groups set it, as for any optimizer
+    elif plan.optim != getattr(get("optim"), "value", get("optim")):
         changes["optim"] = _optim_name(plan.optim, isinstance(args, dict))
     if plan.offload:
         # reentrant checkpointing saves each layer's input through autograd's saved-tensor hooks (offload.py);
@@ -76,7 +85,6 @@ def apply_profile(model, args, plan, tokenizer=None):
         compile_layers(model, plan.checkpointing)
     if plan.head_chunk:
         _set_head_chunk(plan.head_chunk)
-    trainer_kwargs = {}
     if plan.padding_free:
         trainer_kwargs["data_collator"] = padding_free_collator(tokenizer)
     return model, args, trainer_kwargs
