@@ -129,3 +129,41 @@ def test_missing_logger_package_is_one_clear_error(tiny_falcon_7b_arch, tiny_dat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match="pip install wandb"):
         train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path, report_to="wandb")))
+
+
+def test_steps_skip_trainers_module_walks_with_the_same_numbers(tiny_falcon_7b_arch, tiny_data, tmp_path,
+                                                                monkeypatch):
+    """The parameter count for the FLOP total is taken once, the gradients to clip are listed once and what exists
+    before training is kept out of the garbage collector's walks: losses, gradient norms and FLOPs are Trainer's."""
+    import gc
+    from transformers import TrainerCallback
+    import falcon_qlora.safety as S
+    import falcon_qlora.train as T
+    from transformers import PreTrainedModel
+    frozen, counted = [], []
+    real = PreTrainedModel.num_parameters
+    monkeypatch.setattr(PreTrainedModel, "num_parameters", lambda m, *a, **k: counted.append(1) or real(m, *a, **k))
+
+    class Seen(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            frozen.append(gc.get_freeze_count())
+
+    build = T.build_trainer
+    monkeypatch.setattr(T, "build_trainer", lambda *a, callbacks=(), **k: build(*a, callbacks=[*callbacks, Seen()],
+                                                                                  **k))
+    runs = {}
+    for lean in (False, True):
+        monkeypatch.setattr(S, "LEAN_STEPS", lean)
+        frozen.clear()
+        counted.clear()
+        cfg = load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / str(lean), max_steps=3,
+                                           gradient_accumulation_steps=2, save_steps=100, eval_split=None,
+                                           max_grad_norm=0.01))  # small enough that clipping acts
+        result = train(cfg)
+        runs[lean] = ([(x["loss"], x["grad_norm"]) for x in result.log_history if "loss" in x],
+                      result.log_history[-1]["total_flos"], list(frozen), len(counted))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6) and len(runs[True][0]) == 3
+    assert runs[True][1] == runs[False][1] > 0
+    assert min(runs[True][2]) > 100_000 and runs[False][2] == [0, 0, 0]
+    assert (runs[False][3], runs[True][3]) == (6, 1)  # once per micro-batch in Trainer; once per run
+    assert gc.get_freeze_count() == 0  # handed back after training
