@@ -281,15 +281,16 @@ def callbacks(state: dict, prof_step, grab_grads: bool):
 
 def run_variant(name, base, tok, rows, *, profile="reference", parts=None, steps=8, warm=3, prof_step=None,
                 grab_grads=False, randomize_b=False, flops_lengths=None, peak_tflops=None, trainer_parts=None,
-                memory_rows=None, args_over=None, fast_paths_over=None, train_over=None, **over):
+                memory_rows=None, args_over=None, fast_paths_over=None, train_over=None, safety_over=None, **over):
     """One training run through the package's path on the shared 4-bit base; the base is restored afterwards.
     parts: an ablation through TRL's plain SFTTrainer. trainer_parts / memory_rows: `falcon-qlora train`'s trainer
     (build_trainer) with plan.PROFILE_PARTS[profile] / the memory profile's rows per micro-batch replaced.
-    args_over: SFTConfig fields set after the profile (ablations only). fast_paths_over / train_over:
-    falcon_qlora.fast_paths / falcon_qlora.train module settings for this variant only (e.g. ATEN_DROPOUT)."""
-    from falcon_qlora import fast_paths, train
-    saved = [(m, k, getattr(m, k)) for m, o in ((fast_paths, fast_paths_over), (train, train_over)) for k in (o or {})]
-    for m, o in ((fast_paths, fast_paths_over), (train, train_over)):
+    args_over: SFTConfig fields set after the profile (ablations only). fast_paths_over / train_over / safety_over:
+    falcon_qlora.fast_paths / .train / .safety module settings for this variant only (e.g. ATEN_DROPOUT)."""
+    from falcon_qlora import fast_paths, safety, train
+    mods = ((fast_paths, fast_paths_over), (train, train_over), (safety, safety_over))
+    saved = [(m, k, getattr(m, k)) for m, o in mods for k in (o or {})]
+    for m, o in mods:
         for k, v in (o or {}).items():
             setattr(m, k, v)
     try:
@@ -569,6 +570,13 @@ def main() -> None:
         # the memory profile over 12 steps (8 leave 3 measured after the recompiles), and one step profiled
         ("memory_compiled_12", full, dict(profile="memory", steps=steps_mid, compile_layers="on")),
         ("memory_compiled_20", full, dict(profile="memory", steps=steps_long, compile_layers="on")),  # loss check
+        # the memory profile with bitsandbytes' paged AdamW (a kernel, a Python call and a wait per LoRA tensor)
+        # instead of its fused one; and with Trainer's own per-step module walks and full garbage collections
+        ("memory_compiled_12_bnb_optim", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
+                                                    trainer_parts=tuple(x for x in P.PROFILE_PARTS["memory"]
+                                                                        if x != "optim"))),
+        ("memory_compiled_12_trainer_walks", full, dict(profile="memory", steps=steps_mid, compile_layers="on",
+                                                        safety_over={"LEAN_STEPS": False})),
         ("memory_compiled_inductor_dropout_12", full, dict(profile="memory", steps=steps_mid,
                                                            compile_layers="on", fast_paths_over={"ATEN_DROPOUT": False})),
         ("memory_compiled_profiled", full, dict(profile="memory", steps=12, compile_layers="on", prof_step=10)),
