@@ -693,7 +693,7 @@ def print_table() -> None:
         if "tokens_per_s" not in r:
             print(f"| {name} | {r.get('error') or r.get('skipped')} |")
             continue
-        base = cref if name.startswith("chat") else lref if name.endswith("_2048") else ref
+        base = cref if name.startswith("chat") else lref if "_2048" in name else ref
         x = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"| {name} | {r['micro_batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} | "
               f"{r['tokens_per_s']:,} | {x} | {r.get('mfu_pct', '-')}, {r.get('mfu_spec_pct', '-')} | {r.get('peak_alloc_GiB', '-')} | "

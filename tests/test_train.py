@@ -158,12 +158,14 @@ def test_steps_skip_trainers_module_walks_with_the_same_numbers(tiny_falcon_7b_a
         counted.clear()
         cfg = load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / str(lean), max_steps=3,
                                            gradient_accumulation_steps=2, save_steps=100, eval_split=None,
-                                           max_grad_norm=0.01))  # small enough that clipping acts
+                                           max_grad_norm=0.01,  # small enough that clipping acts
+                                           profile="reference"))  # 2 micro-batches a step on a GPU too
         result = train(cfg)
         runs[lean] = ([(x["loss"], x["grad_norm"]) for x in result.log_history if "loss" in x],
                       result.log_history[-1]["total_flos"], list(frozen), len(counted))
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6) and len(runs[True][0]) == 3
     assert runs[True][1] == runs[False][1] > 0
-    assert min(runs[True][2]) > 100_000 and runs[False][2] == [0, 0, 0]
+    stock = runs[False][2]  # what other code froze, if any (some environments freeze a few hundred objects)
+    assert len(set(stock)) == 1 and min(runs[True][2]) > stock[0] + 100_000
     assert (runs[False][3], runs[True][3]) == (6, 1)  # once per micro-batch in Trainer; once per run
     assert gc.get_freeze_count() == 0  # handed back after training
