@@ -135,3 +135,23 @@ def test_memory_profile_trains_with_it_through_the_trainer(tiny_falcon_7b_arch, 
     assert built == [dict(lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)]
     assert result.metrics["optim"] == P.PAGED_FUSED_ADAM
     assert len(losses["memory"]) == 3 and losses["memory"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+def test_a_bitsandbytes_checkpoint_resumes_with_the_same_moments():
+    """A run begun with the reference's bitsandbytes AdamW 32-bit (its state1 / state2 and an int step) resumes on
+    this optimizer and takes the steps bitsandbytes would have taken."""
+    import bitsandbytes as bnb
+    a, b = _params(), _params()
+    run = bnb.optim.PagedAdamW32bit(a, **HYPER)
+    _train(run, a, 3)
+    saved = io.BytesIO()
+    torch.save(run.state_dict(), saved)
+    for x, y in zip(a, b):
+        y.data.copy_(x.data)
+    resumed = PagedAdamW(b, **HYPER)
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), map_location=DEVICE, weights_only=False))
+    assert float(resumed.state[b[0]]["step"]) == 3
+    _train(run, a, 2, first=3)
+    _train(resumed, b, 2, first=3)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)

@@ -52,8 +52,8 @@ class PagedAdamW(torch.optim.AdamW):
             offset += p.numel()
 
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)  # torch puts the loaded moments in device memory: back into the buffers
-        self._page_states()
+        super().load_state_dict(_from_bitsandbytes(state_dict))
+        self._page_states()  # torch put the loaded moments in device memory: back into the buffers
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,6 +63,22 @@ class PagedAdamW(torch.optim.AdamW):
                     import bitsandbytes.functional as F
                     F.prefetch_tensor(handle)
         return super().step(closure)
+
+
+def _from_bitsandbytes(state_dict: dict) -> dict:
+    """bitsandbytes' AdamW 32-bit keeps the same two moments as state1 / state2 and its step count as an int: its
+    checkpoints (a run begun with the reference profile, or by an earlier version) resume here as torch's."""
+    state = {}
+    for key, s in state_dict["state"].items():
+        moments = {**s, **s.get("__bnb_optimizer_quant_state__", {})}
+        if "state1" in moments:
+            if moments["state1"].dtype != torch.float32 or "state2" not in moments:
+                raise UserError("the checkpoint's optimizer state is not 32-bit AdamW (an 8-bit or other "
+                                "bitsandbytes optimizer): resume it with the optim and profile it was started with")
+            s = {"step": torch.tensor(float(moments["step"])), "exp_avg": moments["state1"],
+                 "exp_avg_sq": moments["state2"]}
+        state[key] = s
+    return {**state_dict, "state": state}
 
 
 def unified_zeros(n: int, device: torch.device) -> tuple[torch.Tensor, object]:
