@@ -31,6 +31,17 @@ def _train(opt, params, steps, first=0):
         opt.step()
 
 
+def _resumed(run, trained, fresh):
+    """Trainer's resume: `fresh` takes `trained`'s values, a new PagedAdamW loads `run`'s saved state_dict."""
+    saved = io.BytesIO()
+    torch.save(run.state_dict(), saved)
+    for x, y in zip(trained, fresh):
+        y.data.copy_(x.data)
+    resumed = PagedAdamW(fresh, **HYPER)
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), map_location=DEVICE))
+    return resumed
+
+
 def test_steps_are_torch_fused_adamw_steps():
     """The same kernel, hyper-parameters and fp32 moments: bit for bit the update of torch.optim.AdamW(fused)."""
     a, b = _params(), _params()
@@ -71,12 +82,7 @@ def test_resumed_state_continues_the_same_steps():
     a, b = _params(), _params()
     run = PagedAdamW(a, **HYPER)
     _train(run, a, 3)
-    saved = io.BytesIO()
-    torch.save(run.state_dict(), saved)
-    for x, y in zip(a, b):
-        y.data.copy_(x.data)
-    resumed = PagedAdamW(b, **HYPER)
-    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), map_location=DEVICE))
+    resumed = _resumed(run, a, b)
     assert len({resumed.state[p]["exp_avg"].untyped_storage().data_ptr() for p in b}) == 1
     _train(run, a, 2, first=3)
     _train(resumed, b, 2, first=3)
@@ -144,12 +150,7 @@ def test_a_bitsandbytes_checkpoint_resumes_with_the_same_moments():
     a, b = _params(), _params()
     run = bnb.optim.PagedAdamW32bit(a, **HYPER)
     _train(run, a, 3)
-    saved = io.BytesIO()
-    torch.save(run.state_dict(), saved)
-    for x, y in zip(a, b):
-        y.data.copy_(x.data)
-    resumed = PagedAdamW(b, **HYPER)
-    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), map_location=DEVICE, weights_only=False))
+    resumed = _resumed(run, a, b)
     assert float(resumed.state[b[0]]["step"]) == 3
     _train(run, a, 2, first=3)
     _train(resumed, b, 2, first=3)
