@@ -156,3 +156,15 @@ def test_a_bitsandbytes_checkpoint_resumes_with_the_same_moments():
     _train(resumed, b, 2, first=3)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_moments_for_an_8bit_optimizer_are_refused_with_the_fix():
+    """32-bit moments cannot resume bitsandbytes' 8-bit AdamW: one line that names the optim to resume with."""
+    import bitsandbytes as bnb
+    from falcon_qlora.errors import UserError
+    from falcon_qlora.optimizer import convert_adamw_state
+    a = _params()
+    run = PagedAdamW(a, **HYPER)
+    _train(run, a, 1)
+    with pytest.raises(UserError, match="optim=paged_adamw_32bit"):
+        convert_adamw_state(run.state_dict(), bnb.optim.AdamW8bit(_params(), **HYPER))

@@ -169,3 +169,19 @@ def test_steps_skip_trainers_module_walks_with_the_same_numbers(tiny_falcon_7b_a
     assert len(set(stock)) == 1 and min(runs[True][2]) > stock[0] + 100_000
     assert (runs[False][3], runs[True][3]) == (6, 1)  # once per micro-batch in Trainer; once per run
     assert gc.get_freeze_count() == 0  # handed back after training
+
+
+@pytest.mark.parametrize("begun,resumed", [("adamw_torch", "paged_adamw_32bit"), ("paged_adamw_32bit", "adamw_torch")])
+def test_resume_under_the_other_adamw_continues_with_its_moments(begun, resumed, tiny_falcon_7b_arch, tiny_data,
+                                                                 tmp_path):
+    """The reference's bitsandbytes AdamW 32-bit and the profiles' torch AdamW keep the same moments under other names:
+    a run resumed under the other one (another profile, another machine) takes the steps it would have taken."""
+    over = dict(eval_split=None, save_steps=2, learning_rate=0.01)
+    straight = train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "straight", max_steps=4,
+                                                  optim=begun, **over)))
+    train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "r", max_steps=2, optim=begun,
+                                       **over)))
+    again = train(load_config(**tiny_overrides(tiny_falcon_7b_arch, tiny_data, tmp_path / "r", max_steps=4,
+                                               optim=resumed, resume=True, **over)))
+    assert [x["step"] for x in again.log_history if "loss" in x][-2:] == [3, 4]
+    assert losses(again.log_history)[-2:] == pytest.approx(losses(straight.log_history)[-2:], rel=1e-4)

@@ -65,9 +65,30 @@ class PagedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def convert_adamw_state(state_dict: dict, optimizer) -> dict:
+    """A checkpoint's AdamW state in the form `optimizer` loads. bitsandbytes' AdamW 32-bit (the reference's) and
+    torch's (the profiles') keep the same two fp32 moments and step count under other names, so a run resumes under
+    another profile than it began with (train.build_trainer's SafeTrainer applies this when it resumes)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if type(opt).__module__.startswith("bitsandbytes"):
+        return _to_bitsandbytes(state_dict, getattr(getattr(opt, "args", None), "optim_bits", 32))
+    return _from_bitsandbytes(state_dict) if isinstance(opt, torch.optim.AdamW) else state_dict
+
+
+def _to_bitsandbytes(state_dict: dict, bits: int) -> dict:
+    state = {}
+    for key, s in state_dict["state"].items():
+        if "exp_avg" in s and "state1" not in s:
+            if bits != 32:
+                raise UserError(f"the checkpoint holds 32-bit AdamW moments, which a {bits}-bit bitsandbytes "
+                                "optimizer cannot take: resume with optim=paged_adamw_32bit")
+            s = {"step": int(s["step"]), "state1": s["exp_avg"], "state2": s["exp_avg_sq"]}
+        state[key] = s
+    return {**state_dict, "state": state}
+
+
 def _from_bitsandbytes(state_dict: dict) -> dict:
-    """bitsandbytes' AdamW 32-bit keeps the same two moments as state1 / state2 and its step count as an int: its
-    checkpoints (a run begun with the reference profile, or by an earlier version) resume here as torch's."""
+    """bitsandbytes' AdamW 32-bit keeps the same two moments as state1 / state2 and its step count as an int."""
     state = {}
     for key, s in state_dict["state"].items():
         moments = {**s, **s.get("__bnb_optimizer_quant_state__", {})}

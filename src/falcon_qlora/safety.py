@@ -170,6 +170,19 @@ def safe_trainer_class(base):
                 self._trained = [p for p in model.parameters() if p.requires_grad]
             return self.accelerator.clip_grad_norm_(self._trained, self.args.max_grad_norm)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # a run may resume under another profile than it began with, whose AdamW names the same moments otherwise
+            from .optimizer import convert_adamw_state
+            opt = self.optimizer
+            if checkpoint is None or opt is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            load = opt.load_state_dict
+            opt.load_state_dict = lambda state: load(convert_adamw_state(state, opt))
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                del opt.load_state_dict
+
         def _get_grad_norm(self, model, grad_norm=None):  # called just before optimizer.step()
             grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
             self._defer("grad_norm", grad_norm, self.state.global_step + 1)
