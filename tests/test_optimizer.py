@@ -32,13 +32,16 @@ def _train(opt, params, steps, first=0):
 
 
 def _resumed(run, trained, fresh):
-    """Trainer's resume: `fresh` takes `trained`'s values, a new PagedAdamW loads `run`'s saved state_dict."""
+    """Trainer's resume: `fresh` takes `trained`'s values, a new PagedAdamW loads `run`'s saved state_dict under the
+    names it uses (as SafeTrainer hands it over)."""
+    from falcon_qlora.optimizer import convert_adamw_state
     saved = io.BytesIO()
     torch.save(run.state_dict(), saved)
     for x, y in zip(trained, fresh):
         y.data.copy_(x.data)
     resumed = PagedAdamW(fresh, **HYPER)
-    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), map_location=DEVICE))
+    resumed.load_state_dict(convert_adamw_state(torch.load(io.BytesIO(saved.getvalue()), map_location=DEVICE),
+                                                resumed))
     return resumed
 
 

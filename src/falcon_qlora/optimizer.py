@@ -52,7 +52,7 @@ class PagedAdamW(torch.optim.AdamW):
             offset += p.numel()
 
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(_from_bitsandbytes(state_dict))
+        super().load_state_dict(state_dict)  # bitsandbytes' checkpoints: convert_adamw_state first (SafeTrainer)
         self._page_states()  # torch put the loaded moments in device memory: back into the buffers
 
     @torch.no_grad()
