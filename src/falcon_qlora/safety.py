@@ -227,13 +227,15 @@ def safe_trainer_class(base):
             # Python's full garbage collection walks every object alive, ~600k once torch, transformers and a
             # 1,600-module model are loaded: ~0.4 s with the GPU idle, every ~20 steps (bench/NOTES.md). What exists
             # before training outlives it, so it is frozen out of the collector's walks for the run.
-            if LEAN_STEPS:
+            frozen = LEAN_STEPS
+            if frozen:
                 gc.collect()
                 gc.freeze()
             try:
                 out = super().train(*a, **kw)
             finally:
-                gc.unfreeze()
+                if frozen:
+                    gc.unfreeze()
             self._check_pending(wait=True)  # the last step's
             if getattr(self, "_watch", None):
                 self._watch.flush(self, self.run_config)
